@@ -1,0 +1,134 @@
+// Reconstruction loss of VDM (shared/DESIGN.md section 2), the per-element math shared by the
+// C++ CPU kernels (loss.cpp) and the CUDA kernels (loss.cu).
+//
+// For an element with data value x, rescaled latent z = f + exp(gamma/2) eps and precision
+// prec = exp(-gamma), the decoder's logits over the vocabulary grid c_v = (2v + 1)/V - 1 are
+// l_v = -0.5 prec (z - c_v)^2 and the loss is logsumexp_v(l_v) - l_x. The logits are a Gaussian
+// bump over a uniform grid, so we sum only the window of grid points that can change the sum at
+// the working precision (see recon_window), never materialising the vocabulary axis.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+
+#ifdef __CUDACC__
+#define VDM_HD __host__ __device__ __forceinline__
+#else
+#define VDM_HD inline
+#endif
+
+namespace vdm {
+
+// A grid point whose logit lies this far (in nats) below the largest one contributes less than
+// exp(-margin) relative to it; with at most 2^16 such points the sum stays exact to rounding:
+// 256 * e^-25 = 3.6e-9 below float's 6e-8, and 65536 * e^-50 = 1.3e-17 below double's 1.1e-16.
+template <typename T> struct LogMargin;
+template <> struct LogMargin<float> { static constexpr float value = 25.f; };
+template <> struct LogMargin<double> { static constexpr double value = 50.; };
+
+template <typename T>
+struct ReconElem {
+  T loss;   // -log p(x | z)
+  T dz;     // d loss / d z
+  T dprec;  // d loss / d prec
+};
+
+// The inclusive index range [lo, hi] of grid points that can matter for latent z.
+// v* = the grid point nearest to z (clamped to the vocabulary) has the largest logit. A point m
+// steps away from v* lies at least (m - 1/2) steps from z, so its logit is at least
+// 0.5 prec step^2 m (m - 1) below l_{v*}; the window keeps every m with that gap < margin.
+template <typename T>
+VDM_HD void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
+  const T step = T(2) / T(vocab);
+  T vf = std::round(((z + T(1)) * T(vocab) - T(1)) * T(0.5));
+  // !(vf >= 0) also catches NaN: the NaN then flows through the arithmetic, not the indexing.
+  int v = !(vf >= T(0)) ? 0 : (vf > T(vocab - 1) ? vocab - 1 : static_cast<int>(vf));
+  // m (m - 1) >= r^2 holds for m = ceil(r) + 1.
+  const T r = std::sqrt(T(2) * LogMargin<T>::value / prec) / step;
+  const int m = r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
+  *vstar = v;
+  *lo = v - m < 0 ? 0 : v - m;
+  *hi = v + m > vocab - 1 ? vocab - 1 : v + m;
+}
+
+template <typename T>
+VDM_HD T grid_value(int v, int vocab) {
+  return T(2 * v + 1) / T(vocab) - T(1);
+}
+
+// Loss of one element and, if want_grad, its derivatives in z and prec.
+// Everything is measured from the window's centre c* = c_{v*}: w = z - c*, u_v = c_v - c* =
+// (v - v*) step (exact). Then l_v - l_{v*} = prec u_v (w - u_v / 2), and with E over p(v | z):
+//   loss  = log sum_v exp(l_v - l_{v*}) + 0.5 prec u_x (u_x - 2 w)
+//   dz    = prec (E[u] - u_x)
+//   dprec = w (E[u] - u_x) + 0.5 (u_x^2 - E[u^2])
+// No term subtracts two large numbers, so float32 keeps its precision at every gamma (the plain
+// "z - c" form loses it both at low noise, where p is one-hot, and at high noise, where |z| >> 1).
+template <typename T>
+VDM_HD ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
+  int lo, hi, vstar;
+  recon_window(z, prec, vocab, &lo, &hi, &vstar);
+  const T step = T(2) / T(vocab);
+  const T w = z - grid_value<T>(vstar, vocab);
+  // The sums run in double and add e = 1 + expm1(.): at high noise every e is 1 + O(1e-5) and
+  // a float sum of them would round that O(1e-5) tilt, which carries the gradient, away.
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int v = lo; v <= hi; ++v) {
+    const T u = T(v - vstar) * step;
+    const double e = 1.0 + static_cast<double>(std::expm1(prec * u * (w - T(0.5) * u)));
+    s0 += e;
+    if (want_grad) {
+      s1 += e * u;
+      s2 += e * u * u;
+    }
+  }
+  const T ux = T(x - vstar) * step;
+  ReconElem<T> r;
+  r.loss = static_cast<T>(std::log(s0)) + T(0.5) * prec * ux * (ux - T(2) * w);
+  const T mean_u = static_cast<T>(s1 / s0);
+  r.dz = want_grad ? prec * (mean_u - ux) : T(0);
+  r.dprec = want_grad ? w * (mean_u - ux) + T(0.5) * (ux * ux - static_cast<T>(s2 / s0)) : T(0);
+  return r;
+}
+
+// Element dtypes accepted for x (the images); the latents are float or double.
+enum class XType : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloat64 = 4 };
+
+template <typename X>
+VDM_HD int load_x(const void* x, int64_t i) {
+  return static_cast<int>(static_cast<const X*>(x)[i]);
+}
+
+// Calls f with a null X* for the element type of x, so f can name X.
+template <typename F>
+void with_x_type(XType xt, F&& f) {
+  switch (xt) {
+    case XType::kUInt8: f(static_cast<uint8_t*>(nullptr)); break;
+    case XType::kInt32: f(static_cast<int32_t*>(nullptr)); break;
+    case XType::kInt64: f(static_cast<int64_t*>(nullptr)); break;
+    case XType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case XType::kFloat64: f(static_cast<double*>(nullptr)); break;
+    default: throw std::invalid_argument("vdm_fast: unsupported dtype code for x");
+  }
+}
+
+// Host entry points. Pointers are raw device or host addresses of contiguous tensors:
+// x [B, D], eps [B, D], gamma [B], out / grad_gamma / grad_out [B], grad_eps [B, D].
+template <typename T>
+void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T* out,
+                       int64_t B, int64_t D, int vocab);
+template <typename T>
+void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, const T* grad_out,
+                        T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab);
+
+#ifdef VDM_FAST_WITH_CUDA
+template <typename T>
+void recon_forward_cuda(const void* x, XType xt, const T* eps, const T* gamma, T* out,
+                        int64_t B, int64_t D, int vocab, void* stream);
+template <typename T>
+void recon_backward_cuda(const void* x, XType xt, const T* eps, const T* gamma, const T* grad_out,
+                         T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab, void* stream);
+#endif
+
+}  // namespace vdm

@@ -1,0 +1,27 @@
+"""Assertions shared by the test modules (``tests/`` is on ``sys.path`` via pytest's
+``pythonpath`` setting; the package itself is always the installed one)."""
+
+import pytest
+import torch
+
+# Tolerances per dtype for results that two correct implementations compute with different
+# rounding (relative to the largest magnitude compared).
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def assert_close(actual, expected, rtol, what="", atol=0.0):
+    """``max |actual - expected| <= rtol * max |expected| + atol`` (a scale-aware comparison)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale + atol, f"{what}: error {err:.3g} > {rtol:.3g} * {scale:.3g} + {atol:.3g}"
+
+
+def max_rel_err(actual, expected) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

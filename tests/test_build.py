@@ -1,0 +1,60 @@
+"""The build: the package without its extension, the extension's build report, backend choice."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vdm_fast
+from vdm_fast import _ext, ops
+from vdm_fast.reference import loss as ref
+
+
+def test_package_imports_and_works_without_the_extension():
+    script = textwrap.dedent("""
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "vdm_fast._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import vdm_fast, vdm_fast.ops, vdm_fast.nn
+            import torch
+            x = torch.randint(0, 256, (2, 5)); eps = torch.randn(2, 5); g = torch.randn(2)
+            loss = vdm_fast.ops.reconstruction_loss(x, eps, g)
+        from vdm_fast.reference.loss import reconstruction_loss
+        assert torch.equal(loss, reconstruction_loss(x, eps, g))
+        assert vdm_fast.build_info() == {"extension": False, "cuda": False}
+        mine = [w for w in caught if "vdm_fast._C" in str(w.message)]
+        print(len(mine))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1", "expected exactly one warning about the missing extension"
+
+
+@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
+def test_extension_reports_its_build():
+    info = vdm_fast.build_info()
+    assert info["extension"] is True and info["openmp"] is True
+    assert isinstance(info["cuda"], bool) and info["compiler"]
+    if info["cuda"]:
+        assert info["cuda_archs"] == "sm_80,sm_90" and "cuda" in info["cuda_version"]
+        assert hasattr(_ext._C, "recon_forward_cuda")
+
+
+def test_backend_reference_forces_the_reference(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the fused op ran although VDM_FAST_BACKEND=reference")
+
+    monkeypatch.setattr("vdm_fast.ops.loss._reconstruction_loss", refuse)
+    monkeypatch.setenv("VDM_FAST_BACKEND", "reference")
+    x, eps, g = torch.randint(0, 256, (2, 5)), torch.randn(2, 5), torch.randn(2)
+    assert torch.equal(ops.reconstruction_loss(x, eps, g), ref.reconstruction_loss(x, eps, g))
+    monkeypatch.setenv("VDM_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="VDM_FAST_BACKEND"):
+        ops.reconstruction_loss(x, eps, g)

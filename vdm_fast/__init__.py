@@ -1,0 +1,12 @@
+"""vdm_fast: fast Variational Diffusion Models for PyTorch.
+
+- ``vdm_fast.reference``: the readable pure-PyTorch truth every kernel is checked against.
+- ``vdm_fast.ops``: drop-in fused ops (``torch.library`` custom ops with autograd).
+- ``vdm_fast.nn``: noise schedules, the VDM score U-Net and the ``VDM`` model.
+"""
+
+from vdm_fast._ext import build_info
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "__version__"]

@@ -1,0 +1,42 @@
+"""Loads the compiled extension ``vdm_fast._C`` and says which backend the ops use.
+
+Without the extension (a source checkout, a failed build) everything still works on the
+pure-PyTorch reference, and one warning says so.
+"""
+
+import os
+import warnings
+
+try:
+    from vdm_fast import _C
+except ImportError as _err:  # pragma: no cover - exercised by a subprocess test
+    _C = None
+    warnings.warn(
+        f"vdm_fast: the compiled extension vdm_fast._C could not be loaded ({_err}); "
+        "the CPU ops fall back to the pure-PyTorch reference, which is slower.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def build_info() -> dict:
+    """What ``vdm_fast._C`` was built with (``{"extension": False}`` when it is absent)."""
+    if _C is None:
+        return {"extension": False, "cuda": False}
+    return {"extension": True, **_C.build_info()}
+
+
+def use_reference() -> bool:
+    """True when ``VDM_FAST_BACKEND=reference`` asks every op to run its reference (A/B runs)."""
+    backend = os.environ.get("VDM_FAST_BACKEND", "auto")
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"VDM_FAST_BACKEND must be 'auto' or 'reference', got {backend!r}")
+    return backend == "reference"
+
+
+def has_cpu_kernels() -> bool:
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and hasattr(_C, "recon_forward_cuda")
