@@ -52,13 +52,97 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
   });
 }
 
-template void recon_forward_cpu<float>(const void*, XType, const float*, const float*, float*,
-                                       int64_t, int64_t, int);
-template void recon_forward_cpu<double>(const void*, XType, const double*, const double*, double*,
-                                        int64_t, int64_t, int);
-template void recon_backward_cpu<float>(const void*, XType, const float*, const float*,
-                                        const float*, float*, float*, int64_t, int64_t, int);
-template void recon_backward_cpu<double>(const void*, XType, const double*, const double*,
-                                         const double*, double*, double*, int64_t, int64_t, int);
+namespace {
+
+template <typename T>
+inline void alpha_sigma(T g, T* alpha, T* sigma) {
+  // sigmoid(+-g) written to stay finite for any |g|.
+  const T e = std::exp(-std::abs(g));
+  const T big = T(1) / (T(1) + e), small = e / (T(1) + e);
+  *alpha = std::sqrt(g >= 0 ? small : big);
+  *sigma = std::sqrt(g >= 0 ? big : small);
+}
+
+}  // namespace
+
+template <typename T>
+void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t B, int64_t D) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    T alpha, sigma;
+    alpha_sigma(gamma[b], &alpha, &sigma);
+    const T* fb = f + b * D;
+    const T* eb = eps + b * D;
+    T* zb = z + b * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) zb[d] = alpha * fb[d] + sigma * eb[d];
+  }
+}
+
+template <typename T>
+void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamma, T* grad_f,
+                          T* grad_eps, T* grad_gamma, int64_t B, int64_t D) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    T alpha, sigma;
+    alpha_sigma(gamma[b], &alpha, &sigma);
+    const int64_t o = b * D;
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) {
+      const T go = grad[o + d];
+      grad_f[o + d] = go * alpha;
+      grad_eps[o + d] = go * sigma;
+      acc += go * (alpha * eps[o + d] - sigma * f[o + d]);
+    }
+    grad_gamma[b] = T(0.5) * alpha * sigma * static_cast<T>(acc);
+  }
+}
+
+template <typename T>
+void sse_forward_cpu(const T* x, const T* y, T* out, int64_t B, int64_t D) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * D;
+    double acc = 0;
+    if (y) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) {
+        const T e = x[o + d] - y[o + d];
+        acc += e * e;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += x[o + d] * x[o + d];
+    }
+    out[b] = static_cast<T>(acc);
+  }
+}
+
+template <typename T>
+void sse_backward_cpu(const T* grad, const T* x, const T* y, T* grad_x, int64_t B, int64_t D) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * D;
+    const T g2 = T(2) * grad[b];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) grad_x[o + d] = g2 * (x[o + d] - (y ? y[o + d] : T(0)));
+  }
+}
+
+#define VDM_INSTANTIATE(T)                                                                      \
+  template void recon_forward_cpu<T>(const void*, XType, const T*, const T*, T*, int64_t,       \
+                                     int64_t, int);                                             \
+  template void recon_backward_cpu<T>(const void*, XType, const T*, const T*, const T*, T*, T*, \
+                                      int64_t, int64_t, int);                                   \
+  template void diffuse_forward_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t);     \
+  template void diffuse_backward_cpu<T>(const T*, const T*, const T*, const T*, T*, T*, T*,     \
+                                        int64_t, int64_t);                                      \
+  template void sse_forward_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                   \
+  template void sse_backward_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t);
+
+VDM_INSTANTIATE(float)
+VDM_INSTANTIATE(double)
+#undef VDM_INSTANTIATE
 
 }  // namespace vdm

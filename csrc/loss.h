@@ -122,6 +122,21 @@ template <typename T>
 void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, const T* grad_out,
                         T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab);
 
+// The forward process z = alpha f + sigma eps (alpha^2 = sigmoid(-gamma), sigma^2 =
+// sigmoid(gamma)) and its backward; grad_gamma[b] = 0.5 alpha sigma sum(go (alpha eps - sigma f)).
+template <typename T>
+void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t B, int64_t D);
+template <typename T>
+void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamma, T* grad_f,
+                          T* grad_eps, T* grad_gamma, int64_t B, int64_t D);
+
+// Per-example sum of squared errors sum_d (x - y)^2 (y may be null: sum of squares), and its
+// backward grad_x = 2 go (x - y).
+template <typename T>
+void sse_forward_cpu(const T* x, const T* y, T* out, int64_t B, int64_t D);
+template <typename T>
+void sse_backward_cpu(const T* grad, const T* x, const T* y, T* grad_x, int64_t B, int64_t D);
+
 #ifdef VDM_FAST_WITH_CUDA
 template <typename T>
 void recon_forward_cuda(const void* x, XType xt, const T* eps, const T* gamma, T* out,

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -16,17 +17,25 @@ namespace py = pybind11;
 
 namespace {
 
+using Addr = std::uintptr_t;
+
 template <typename T>
-T* ptr(std::uintptr_t p) {
+T* ptr(Addr p) {
   return reinterpret_cast<T*>(p);
 }
 
-// The latents' dtype: "float32" or "float64".
-bool is_double(const std::string& dtype) {
-  if (dtype == "float64") return true;
-  if (dtype == "float32") return false;
-  throw std::invalid_argument("vdm_fast._C: dtype must be 'float32' or 'float64', got " + dtype);
+// Calls f with a null T* for the latents' dtype, "float32" or "float64", so f can name T.
+template <typename F>
+void with_dtype(const std::string& dtype, F&& f) {
+  if (dtype == "float64")
+    f(static_cast<double*>(nullptr));
+  else if (dtype == "float32")
+    f(static_cast<float*>(nullptr));
+  else
+    throw std::invalid_argument("vdm_fast._C: dtype must be 'float32' or 'float64', got " + dtype);
 }
+
+#define VDM_T std::remove_pointer_t<decltype(tag)>
 
 py::dict build_info() {
   py::dict info;
@@ -64,63 +73,73 @@ PYBIND11_MODULE(_C, m) {
       .value("float32", vdm::XType::kFloat32)
       .value("float64", vdm::XType::kFloat64);
 
-  m.def(
-      "recon_forward_cpu",
-      [](std::uintptr_t x, vdm::XType xt, std::uintptr_t eps, std::uintptr_t gamma,
-         std::uintptr_t out, int64_t B, int64_t D, int vocab, const std::string& dtype) {
-        if (is_double(dtype))
-          vdm::recon_forward_cpu<double>(ptr<void>(x), xt, ptr<double>(eps), ptr<double>(gamma),
-                                         ptr<double>(out), B, D, vocab);
-        else
-          vdm::recon_forward_cpu<float>(ptr<void>(x), xt, ptr<float>(eps), ptr<float>(gamma),
-                                        ptr<float>(out), B, D, vocab);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "recon_backward_cpu",
-      [](std::uintptr_t x, vdm::XType xt, std::uintptr_t eps, std::uintptr_t gamma,
-         std::uintptr_t grad_out, std::uintptr_t grad_eps, std::uintptr_t grad_gamma, int64_t B,
-         int64_t D, int vocab, const std::string& dtype) {
-        if (is_double(dtype))
-          vdm::recon_backward_cpu<double>(ptr<void>(x), xt, ptr<double>(eps), ptr<double>(gamma),
-                                          ptr<double>(grad_out), ptr<double>(grad_eps),
-                                          ptr<double>(grad_gamma), B, D, vocab);
-        else
-          vdm::recon_backward_cpu<float>(ptr<void>(x), xt, ptr<float>(eps), ptr<float>(gamma),
-                                         ptr<float>(grad_out), ptr<float>(grad_eps),
-                                         ptr<float>(grad_gamma), B, D, vocab);
-      },
-      py::call_guard<py::gil_scoped_release>());
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("recon_forward_cpu", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr out, int64_t B,
+                                int64_t D, int vocab, const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::recon_forward_cpu<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(out), B, D, vocab);
+    });
+  }, nogil);
+  m.def("recon_backward_cpu", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr grad,
+                                 Addr grad_eps, Addr grad_gamma, int64_t B, int64_t D, int vocab,
+                                 const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::recon_backward_cpu<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(grad),
+                                 ptr<T>(grad_eps), ptr<T>(grad_gamma), B, D, vocab);
+    });
+  }, nogil);
+  m.def("diffuse_forward_cpu", [](Addr f, Addr eps, Addr gamma, Addr z, int64_t B, int64_t D,
+                                  const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::diffuse_forward_cpu<T>(ptr<T>(f), ptr<T>(eps), ptr<T>(gamma), ptr<T>(z), B, D);
+    });
+  }, nogil);
+  m.def("diffuse_backward_cpu", [](Addr grad, Addr f, Addr eps, Addr gamma, Addr grad_f,
+                                   Addr grad_eps, Addr grad_gamma, int64_t B, int64_t D,
+                                   const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::diffuse_backward_cpu<T>(ptr<T>(grad), ptr<T>(f), ptr<T>(eps), ptr<T>(gamma),
+                                   ptr<T>(grad_f), ptr<T>(grad_eps), ptr<T>(grad_gamma), B, D);
+    });
+  }, nogil);
+  // y == 0 (a null address) means "no y": the sum of squares of x.
+  m.def("sse_forward_cpu", [](Addr x, Addr y, Addr out, int64_t B, int64_t D,
+                              const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::sse_forward_cpu<T>(ptr<T>(x), ptr<T>(y), ptr<T>(out), B, D);
+    });
+  }, nogil);
+  m.def("sse_backward_cpu", [](Addr grad, Addr x, Addr y, Addr grad_x, int64_t B, int64_t D,
+                               const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::sse_backward_cpu<T>(ptr<T>(grad), ptr<T>(x), ptr<T>(y), ptr<T>(grad_x), B, D);
+    });
+  }, nogil);
 
 #ifdef VDM_FAST_WITH_CUDA
-  m.def(
-      "recon_forward_cuda",
-      [](std::uintptr_t x, vdm::XType xt, std::uintptr_t eps, std::uintptr_t gamma,
-         std::uintptr_t out, int64_t B, int64_t D, int vocab, const std::string& dtype,
-         std::uintptr_t stream) {
-        if (is_double(dtype))
-          vdm::recon_forward_cuda<double>(ptr<void>(x), xt, ptr<double>(eps), ptr<double>(gamma),
-                                          ptr<double>(out), B, D, vocab, ptr<void>(stream));
-        else
-          vdm::recon_forward_cuda<float>(ptr<void>(x), xt, ptr<float>(eps), ptr<float>(gamma),
-                                         ptr<float>(out), B, D, vocab, ptr<void>(stream));
-      },
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "recon_backward_cuda",
-      [](std::uintptr_t x, vdm::XType xt, std::uintptr_t eps, std::uintptr_t gamma,
-         std::uintptr_t grad_out, std::uintptr_t grad_eps, std::uintptr_t grad_gamma, int64_t B,
-         int64_t D, int vocab, const std::string& dtype, std::uintptr_t stream) {
-        if (is_double(dtype))
-          vdm::recon_backward_cuda<double>(ptr<void>(x), xt, ptr<double>(eps), ptr<double>(gamma),
-                                           ptr<double>(grad_out), ptr<double>(grad_eps),
-                                           ptr<double>(grad_gamma), B, D, vocab,
-                                           ptr<void>(stream));
-        else
-          vdm::recon_backward_cuda<float>(ptr<void>(x), xt, ptr<float>(eps), ptr<float>(gamma),
-                                          ptr<float>(grad_out), ptr<float>(grad_eps),
-                                          ptr<float>(grad_gamma), B, D, vocab, ptr<void>(stream));
-      },
-      py::call_guard<py::gil_scoped_release>());
+  m.def("recon_forward_cuda", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr out, int64_t B,
+                                 int64_t D, int vocab, const std::string& dtype, Addr stream) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::recon_forward_cuda<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(out), B, D,
+                                 vocab, ptr<void>(stream));
+    });
+  }, nogil);
+  m.def("recon_backward_cuda", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr grad,
+                                  Addr grad_eps, Addr grad_gamma, int64_t B, int64_t D, int vocab,
+                                  const std::string& dtype, Addr stream) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::recon_backward_cuda<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(grad),
+                                  ptr<T>(grad_eps), ptr<T>(grad_gamma), B, D, vocab,
+                                  ptr<void>(stream));
+    });
+  }, nogil);
 #endif
 }

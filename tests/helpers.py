@@ -25,3 +25,29 @@ def max_rel_err(actual, expected) -> float:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class PoisonedTorch:
+    """Stands in for the ``torch`` module inside a kernel module: every buffer it allocates with
+    ``empty``/``empty_like`` comes filled with NaN, so an element a kernel fails to write shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """``poisoned(module)`` makes ``module``'s allocations NaN-filled for the test."""
+    def apply(module):
+        monkeypatch.setattr(module, "torch", PoisonedTorch())
+    return apply

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, max_rel_err
+from helpers import RTOL, assert_close, max_rel_err, poisoned  # noqa: F401 (fixture)
 
 from vdm_fast import _ext, ops
+from vdm_fast.ops import loss as ops_loss
 from vdm_fast.reference import loss as ref
 
 needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
@@ -126,7 +127,8 @@ def _recon_with_grads(fn, x, eps, g, grad_out, vocab=256):
 @needs_ext
 @pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
 @pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (1, 8, 8)])
-def test_reconstruction_loss_matches_reference_float64(gamma, shape):
+def test_reconstruction_loss_matches_reference_float64(gamma, shape, poisoned):
+    poisoned(ops_loss)
     x, eps, g = _recon_inputs(3, shape, gamma, torch.float64)
     go = torch.randn(3, dtype=torch.float64)
     fused = _recon_with_grads(ops.reconstruction_loss, x, eps, g, go)
@@ -139,9 +141,10 @@ def test_reconstruction_loss_matches_reference_float64(gamma, shape):
 
 @needs_ext
 @pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
-def test_reconstruction_loss_float32_is_as_accurate_as_the_reference(gamma):
+def test_reconstruction_loss_float32_is_as_accurate_as_the_reference(gamma, poisoned):
     """float32 kernel and float32 reference both against the float64 truth: the kernel's error
     stays within the reference's own (or float32 rounding, whichever is larger)."""
+    poisoned(ops_loss)
     x, eps, g = _recon_inputs(4, (3, 9, 7), gamma, torch.float32)
     go = torch.randn(4)
     truth = _recon_with_grads(ref.reconstruction_loss, x, eps.double(), g.double(), go.double())
@@ -180,25 +183,6 @@ def test_reconstruction_loss_non_contiguous_and_small_vocab():
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reconstruction_kernels_write_every_output(dtype):
-    """The raw kernels on NaN-poisoned output buffers: an unwritten element stays NaN."""
-    C = _ext._C
-    x, eps, g = _recon_inputs(5, (33,), -13.3, dtype)
-    out = torch.full((5,), float("nan"), dtype=dtype)
-    name = str(dtype).removeprefix("torch.")
-    C.recon_forward_cpu(x.data_ptr(), C.XType.int64, eps.data_ptr(), g.data_ptr(), out.data_ptr(),
-                        5, 33, 256, name)
-    assert_close(out, ref.reconstruction_loss(x, eps, g), RTOL[dtype])
-    go = torch.randn(5, dtype=dtype)
-    grad_eps = torch.full_like(eps, float("nan"))
-    grad_g = torch.full_like(g, float("nan"))
-    C.recon_backward_cpu(x.data_ptr(), C.XType.int64, eps.data_ptr(), g.data_ptr(), go.data_ptr(),
-                         grad_eps.data_ptr(), grad_g.data_ptr(), 5, 33, 256, name)
-    assert torch.isfinite(grad_eps).all() and torch.isfinite(grad_g).all()
-
-
-@needs_ext
 def test_reconstruction_loss_opcheck():
     x, eps, g = _recon_inputs(2, (6,), -5.0, torch.float32)
     torch.library.opcheck(torch.ops.vdm_fast.reconstruction_loss.default,
@@ -233,3 +217,154 @@ def test_diffusion_losses_match_reference(eps_hat_dtype):
     g_t, g_s = torch.randn(4), torch.randn(4) - 1
     expected = ref.diffusion_loss_discrete(eps.double(), eps_hat.double(), g_t.double(), g_s.double(), 100)
     assert_close(ops.diffusion_loss_discrete(eps, eps_hat, g_t, g_s, 100), expected, RTOL[torch.float32])
+
+
+def _grads(fn, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*inputs)
+    wrt = [t for t in inputs if t.requires_grad]
+    return (out, *torch.autograd.grad(out, wrt, grad_out))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5, 7), (5, 1027)])
+@pytest.mark.parametrize("gamma_scale", [1.0, 20.0])
+def test_diffuse_matches_reference(dtype, shape, gamma_scale, poisoned):
+    poisoned(ops_loss)
+    B = shape[0]
+    f, eps = torch.rand(shape, dtype=dtype) * 2 - 1, torch.randn(shape, dtype=dtype)
+    gamma = torch.randn(B, dtype=dtype) * gamma_scale
+    go = torch.randn(shape, dtype=dtype)
+    fused = _grads(ops.diffuse, (f, eps, gamma), go)
+    truth = _grads(ref.diffuse, (f.double(), eps.double(), gamma.double()), go.double())
+    for a, b, name in zip(fused, truth, ("z", "grad f", "grad eps", "grad gamma")):
+        assert_close(a, b, RTOL[dtype] * 10, name)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3, 5, 7), (2, 5000)])
+def test_diffusion_and_prior_losses_match_reference(dtype, shape, poisoned):
+    poisoned(ops_loss)
+    B = shape[0]
+    eps = torch.randn(shape, dtype=dtype)
+    eps_hat = eps + 0.3 * torch.randn(shape, dtype=dtype)
+    f = torch.rand(shape, dtype=dtype) * 2 - 1
+    dgamma, g_t, g_s, g_1 = (torch.rand(B, dtype=dtype) * 20, torch.randn(B, dtype=dtype),
+                             torch.randn(B, dtype=dtype) - 1, torch.randn(B, dtype=dtype) * 5)
+    go = torch.randn(B, dtype=dtype)
+    cases = [
+        (ops.diffusion_loss, ref.diffusion_loss, (eps, eps_hat, dgamma)),
+        (lambda *a: ops.diffusion_loss_discrete(*a, 7), lambda *a: ref.diffusion_loss_discrete(*a, 7),
+         (eps, eps_hat, g_t, g_s)),
+        (ops.prior_loss, ref.prior_loss, (f, g_1)),
+    ]
+    for fused_fn, ref_fn, inputs in cases:
+        fused = _grads(fused_fn, inputs, go)
+        truth = _grads(ref_fn, [t.double() for t in inputs], go.double())
+        for a, b in zip(fused, truth):
+            assert_close(a, b, RTOL[dtype] * 10)
+
+
+@needs_ext
+def test_fused_ops_gradcheck_float64():
+    f, eps = torch.rand(2, 5, dtype=torch.float64) * 2 - 1, torch.randn(2, 5, dtype=torch.float64)
+    eps_hat = torch.randn(2, 5, dtype=torch.float64)
+    gamma = torch.randn(2, dtype=torch.float64) * 3
+    args = [t.requires_grad_() for t in (f, eps, eps_hat, gamma)]
+    assert torch.autograd.gradcheck(lambda f, e, g: ops.diffuse(f, e, g), (args[0], args[1], args[3]))
+    assert torch.autograd.gradcheck(lambda e, eh, g: ops.diffusion_loss(e, eh, g), (args[1], args[2], args[3]))
+    assert torch.autograd.gradcheck(lambda f, g: ops.prior_loss(f, g), (args[0], args[3]))
+
+
+@needs_ext
+def test_all_loss_ops_pass_opcheck():
+    f, eps, gamma = torch.rand(2, 6) * 2 - 1, torch.randn(2, 6), torch.randn(2)
+    ops_ = torch.ops.vdm_fast
+    torch.library.opcheck(ops_.diffuse.default, (f.requires_grad_(), eps.requires_grad_(), gamma.requires_grad_()))
+    torch.library.opcheck(ops_.diffuse_backward.default, (torch.randn(2, 6), f.detach(), eps.detach(), gamma.detach()))
+    torch.library.opcheck(ops_.sum_squared_error.default, (torch.randn(2, 6, requires_grad=True), eps.detach()))
+    torch.library.opcheck(ops_.sum_squared_error.default, (torch.randn(2, 6, requires_grad=True), None))
+    torch.library.opcheck(ops_.sum_squared_error_backward.default, (torch.randn(2), f.detach(), eps.detach()))
+
+
+@needs_ext
+def test_vlb_terms_under_torch_compile_fullgraph_matches_eager():
+    x = torch.randint(0, 256, (2, 3, 4, 4))
+    eps, eps_0 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    g = torch.tensor([-1.0, 2.0])
+
+    def step(eps_hat, g):
+        terms = ops.vlb_terms(x, eps, eps_hat, eps_0, g, g - 5, g + 5, dgamma_dt=g.exp())
+        return terms.bpd.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = [t.clone().requires_grad_() for t in (eps + 0.1, g)]
+    b = [t.clone().requires_grad_() for t in (eps + 0.1, g)]
+    assert_close(compiled(*a), step(*b), 1e-6)
+    compiled(*a).backward()
+    step(*b).backward()
+    for u, v in zip(a, b):
+        assert_close(u.grad, v.grad, 1e-6)
+
+
+def test_vlb_terms_discrete_needs_gamma_s():
+    x, e = torch.randint(0, 256, (2, 4)), torch.randn(2, 4)
+    g = torch.zeros(2)
+    with pytest.raises(ValueError, match="gamma_s is required"):
+        ops.vlb_terms(x, e, e, e, g, g, g, T=10)
+    with pytest.raises(ValueError, match="dgamma_dt is required"):
+        ops.vlb_terms(x, e, e, e, g, g, g)
+
+
+# --- Triton kernels (interpreted on the CPU where no GPU exists) ------------------------------
+
+triton_loss = pytest.importorskip("vdm_fast.kernels.loss", reason="triton is not installed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B, D", [(1, 1), (2, 1500)])  # one partial chunk; several, the last ragged
+def test_triton_diffuse_and_sse_match_reference(dtype, B, D, poisoned):
+    poisoned(triton_loss)
+    f, eps = torch.rand(B, D, dtype=dtype) * 2 - 1, torch.randn(B, D, dtype=dtype)
+    gamma = torch.randn(B, dtype=dtype) * 8
+    go = torch.randn(B, D, dtype=dtype)
+    truth = _grads(ref.diffuse, (f, eps, gamma), go)
+    assert_close(triton_loss.diffuse_forward(f, eps, gamma), truth[0], RTOL[dtype])
+    for a, b in zip(triton_loss.diffuse_backward(go, f, eps, gamma), truth[1:]):
+        assert_close(a, b, RTOL[dtype] * 10)
+    assert_close(triton_loss.sse_forward(f, eps), ((f - eps) ** 2).sum(1), RTOL[dtype])
+    assert_close(triton_loss.sse_forward(f, None), (f**2).sum(1), RTOL[dtype])
+    gb = torch.randn(B, dtype=dtype)
+    assert_close(triton_loss.sse_backward(gb, f, eps), 2 * gb[:, None] * (f - eps), RTOL[dtype])
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_triton_sse_reads_low_precision_eps_hat(low, poisoned):
+    poisoned(triton_loss)
+    eps = torch.randn(2, 700)
+    eps_hat = (eps + 0.2 * torch.randn_like(eps)).to(low)
+    expected = ((eps_hat.double() - eps.double()) ** 2).sum(1)
+    assert_close(triton_loss.sse_forward(eps_hat, eps), expected, RTOL[torch.float32])
+    grad = triton_loss.sse_backward(torch.ones(2), eps_hat, eps)
+    assert grad.dtype == low
+    assert_close(grad, 2 * (eps_hat.double() - eps.double()), RTOL[low])
+
+
+@pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
+def test_triton_reconstruction_loss_matches_reference(gamma, poisoned):
+    poisoned(triton_loss)
+    x, eps, g = _recon_inputs(2, (1100,), gamma, torch.float64, x_dtype=torch.uint8)
+    go = torch.randn(2, dtype=torch.float64)
+    truth = _recon_with_grads(ref.reconstruction_loss, x, eps, g, go)
+    fused = (triton_loss.recon_forward(x, eps, g, 256), *triton_loss.recon_backward(go, x, eps, g, 256))
+    for a, b, name in zip(fused, truth, ("loss", "grad eps_0", "grad gamma_0")):
+        assert_close(a, b, 1e-9, name, atol=1e-13 * eps.numel())
+    # float32, against the float64 truth, as accurate as the float32 reference.
+    e32, g32, go32 = eps.float(), g.float(), go.float()
+    fused = (triton_loss.recon_forward(x, e32, g32, 256), *triton_loss.recon_backward(go32, x, e32, g32, 256))
+    plain = _recon_with_grads(ref.reconstruction_loss, x, e32, g32, go32)
+    for a, p, t, name in zip(fused, plain, truth, ("loss", "grad eps_0", "grad gamma_0")):
+        err, ref_err = max_rel_err(a, t), max_rel_err(p, t)
+        assert err <= max(2 * ref_err, RTOL[torch.float32]), f"{name}: {err:.3g} vs reference {ref_err:.3g}"

@@ -4,6 +4,7 @@ Without the extension (a source checkout, a failed build) everything still works
 pure-PyTorch reference, and one warning says so.
 """
 
+import functools
 import os
 import warnings
 
@@ -32,6 +33,24 @@ def use_reference() -> bool:
     if backend not in ("auto", "reference"):
         raise ValueError(f"VDM_FAST_BACKEND must be 'auto' or 'reference', got {backend!r}")
     return backend == "reference"
+
+
+def cuda_impl() -> str:
+    """Which CUDA kernels an op with both kinds runs: ``VDM_FAST_CUDA_IMPL=triton`` (default) or
+    ``cuda`` (the CUDA C++ kernels of ``vdm_fast._C``, where built)."""
+    impl = os.environ.get("VDM_FAST_CUDA_IMPL", "triton")
+    if impl not in ("triton", "cuda"):
+        raise ValueError(f"VDM_FAST_CUDA_IMPL must be 'triton' or 'cuda', got {impl!r}")
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def has_cpu_kernels() -> bool:

@@ -1,24 +1,15 @@
 """The VDM model: a noise schedule and a score network, trained on the variational bound."""
 
-import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vdm_fast import ops
 from vdm_fast.ops import _checks
+from vdm_fast.ops.loss import VLBTerms
 from vdm_fast.reference.loss import alpha_sigma, ancestral_step, decode, discretize_time, encode
 from vdm_fast.reference.schedule import antithetic_times
-
-
-class VLBTerms(NamedTuple):
-    """Per-example terms of the variational bound, in nats, and their total in bits per dim."""
-
-    reconstruction: Tensor
-    prior: Tensor
-    diffusion: Tensor
-    bpd: Tensor
 
 
 class VDM(nn.Module):
@@ -78,19 +69,10 @@ class VDM(nn.Module):
         gamma_0, gamma_1 = gamma[-2].expand(B), gamma[-1].expand(B)
 
         eps = torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
-        z_t = ops.diffuse(f, eps, gamma_t)
-        eps_hat = self.score_net(z_t, gamma_t)
-        if T == 0:
-            diffusion = ops.diffusion_loss(eps, eps_hat, dgamma_dt)
-        else:
-            diffusion = ops.diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma[B:2 * B], T)
-
+        eps_hat = self.score_net(ops.diffuse(f, eps, gamma_t), gamma_t)
         eps_0 = torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
-        reconstruction = ops.reconstruction_loss(x, eps_0, gamma_0, self.vocab_size)
-        prior = ops.prior_loss(f, gamma_1)
-        dims = math.prod(self.image_shape)
-        bpd = (reconstruction + prior + diffusion) / (dims * math.log(2.0))
-        return VLBTerms(reconstruction, prior, diffusion, bpd)
+        return ops.vlb_terms(x, eps, eps_hat, eps_0, gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
+                             gamma_s=gamma[B:2 * B] if T else None, T=T, vocab_size=self.vocab_size)
 
     @torch.no_grad()
     def bpd(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -1,12 +1,12 @@
 """Drop-in VDM ops for an existing trainer.
 
-Each op validates its inputs, then runs the fastest backend for the tensors' device: the
-compiled kernels of ``vdm_fast._C`` (C++ on CPU, CUDA), or the pure-PyTorch reference where no
-kernel exists or ``VDM_FAST_BACKEND=reference`` asks for it.
+Each op validates its inputs, then runs the fastest backend for the tensors' device: the C++
+kernels of ``vdm_fast._C`` on CPU, Triton (or CUDA C++) kernels on GPU, or the pure-PyTorch
+reference where no kernel exists or ``VDM_FAST_BACKEND=reference`` asks for it.
 """
 
-from vdm_fast.ops.loss import (diffuse, diffusion_loss, diffusion_loss_discrete, prior_loss,
-                               reconstruction_loss)
+from vdm_fast.ops.loss import (VLBTerms, diffuse, diffusion_loss, diffusion_loss_discrete, prior_loss,
+                               reconstruction_loss, vlb_terms)
 
-__all__ = ["diffuse", "diffusion_loss", "diffusion_loss_discrete", "prior_loss",
-           "reconstruction_loss"]
+__all__ = ["VLBTerms", "diffuse", "diffusion_loss", "diffusion_loss_discrete", "prior_loss",
+           "reconstruction_loss", "vlb_terms"]

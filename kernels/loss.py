@@ -1,0 +1,203 @@
+"""Triton kernels of the VDM loss terms (math: ``vdm_fast.reference.loss``; the windowed
+reconstruction loss is derived in ``csrc/loss.h``, which the C++/CUDA kernels share).
+
+Layout: every tensor is a contiguous ``[B, D]`` (``[B]`` per-example values). A launch grid is
+``(B, cdiv(D, BLOCK))``; each program handles one chunk of one example. Per-example sums are
+written as ``[B, n_chunks]`` partials and reduced in a fixed order afterwards, so results are
+deterministic (no float atomics) and nothing the size of the data is written for them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+# As LogMargin in csrc/loss.h: grid points this many nats below the top logit cannot change the
+# float32 (float64) sum.
+LOG_MARGIN = {torch.float32: 25.0, torch.float64: 50.0}
+
+
+def _grid(B: int, D: int):
+    return (B, triton.cdiv(D, BLOCK))
+
+
+def _partials(B: int, D: int, device) -> torch.Tensor:
+    # Every program writes its slot, so empty is safe; float64 keeps the two-stage sum exact-ish.
+    return torch.empty((B, triton.cdiv(D, BLOCK)), device=device, dtype=torch.float64)
+
+
+@triton.jit
+def _chunk(D, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return b, offs, offs < D
+
+
+# --- diffuse ----------------------------------------------------------------------------------
+
+@triton.jit
+def _alpha_sigma(g):
+    return tl.sqrt(tl.sigmoid(-g)), tl.sqrt(tl.sigmoid(g))
+
+
+@triton.jit
+def _diffuse_fwd(f_ptr, eps_ptr, gamma_ptr, z_ptr, D, BLOCK: tl.constexpr):
+    b, offs, mask = _chunk(D, BLOCK)
+    alpha, sigma = _alpha_sigma(tl.load(gamma_ptr + b))
+    f = tl.load(f_ptr + b * D + offs, mask=mask)
+    eps = tl.load(eps_ptr + b * D + offs, mask=mask)
+    tl.store(z_ptr + b * D + offs, alpha * f + sigma * eps, mask=mask)
+
+
+@triton.jit
+def _diffuse_bwd(go_ptr, f_ptr, eps_ptr, gamma_ptr, gf_ptr, geps_ptr, part_ptr, D, n_chunks,
+                 BLOCK: tl.constexpr):
+    b, offs, mask = _chunk(D, BLOCK)
+    alpha, sigma = _alpha_sigma(tl.load(gamma_ptr + b))
+    go = tl.load(go_ptr + b * D + offs, mask=mask, other=0.0)
+    f = tl.load(f_ptr + b * D + offs, mask=mask, other=0.0)
+    eps = tl.load(eps_ptr + b * D + offs, mask=mask, other=0.0)
+    tl.store(gf_ptr + b * D + offs, go * alpha, mask=mask)
+    tl.store(geps_ptr + b * D + offs, go * sigma, mask=mask)
+    # d alpha / d gamma = -alpha sigma^2 / 2, d sigma / d gamma = sigma alpha^2 / 2.
+    dg = 0.5 * alpha * sigma * tl.sum((go * (alpha * eps - sigma * f)).to(tl.float64))
+    tl.store(part_ptr + b * n_chunks + tl.program_id(1), dg)
+
+
+def diffuse_forward(f, eps, gamma):
+    B, D = f.shape
+    z = torch.empty_like(f)
+    _diffuse_fwd[_grid(B, D)](f, eps, gamma, z, D, BLOCK=BLOCK)
+    return z
+
+
+def diffuse_backward(grad, f, eps, gamma):
+    B, D = f.shape
+    grad_f, grad_eps, part = torch.empty_like(f), torch.empty_like(eps), _partials(B, D, f.device)
+    _diffuse_bwd[_grid(B, D)](grad, f, eps, gamma, grad_f, grad_eps, part, D, part.shape[1], BLOCK=BLOCK)
+    return grad_f, grad_eps, part.sum(1).to(gamma.dtype)
+
+
+# --- sum of squared errors ------------------------------------------------------------------
+
+@triton.jit
+def _sse_fwd(x_ptr, y_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr, ACC: tl.constexpr,
+             BLOCK: tl.constexpr):
+    b, offs, mask = _chunk(D, BLOCK)
+    d = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_Y:
+        d -= tl.load(y_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum((d * d).to(tl.float64)))
+
+
+@triton.jit
+def _sse_bwd(go_ptr, x_ptr, y_ptr, gx_ptr, D, HAS_Y: tl.constexpr, ACC: tl.constexpr,
+             BLOCK: tl.constexpr):
+    b, offs, mask = _chunk(D, BLOCK)
+    d = tl.load(x_ptr + b * D + offs, mask=mask).to(ACC)
+    if HAS_Y:
+        d -= tl.load(y_ptr + b * D + offs, mask=mask).to(ACC)
+    go = tl.load(go_ptr + b).to(ACC)
+    tl.store(gx_ptr + b * D + offs, (2.0 * go * d).to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc(*tensors):
+    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def sse_forward(x, y):
+    B, D = x.shape
+    part = _partials(B, D, x.device)
+    _sse_fwd[_grid(B, D)](x, y if y is not None else x, part, D, part.shape[1], HAS_Y=y is not None,
+                          ACC=_acc(x, y), BLOCK=BLOCK)
+    return part.sum(1)
+
+
+def sse_backward(grad, x, y):
+    B, D = x.shape
+    grad_x = torch.empty_like(x)
+    _sse_bwd[_grid(B, D)](grad, x, y if y is not None else x, grad_x, D, HAS_Y=y is not None,
+                          ACC=_acc(x, y), BLOCK=BLOCK)
+    return grad_x
+
+
+# --- reconstruction loss ---------------------------------------------------------------------
+
+@triton.jit
+def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.constexpr):
+    """Loads one chunk and finds each element's window (see recon_window in csrc/loss.h)."""
+    b, offs, mask = _chunk(D, BLOCK)
+    g = tl.load(gamma_ptr + b)
+    prec, scale = tl.exp(-g), tl.exp(0.5 * g)
+    step = 2.0 / vocab
+    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0).to(tl.int32)
+    eps = tl.load(eps_ptr + b * D + offs, mask=mask, other=0.0)
+    z = (2 * x + 1).to(g.dtype) / vocab - 1.0 + scale * eps
+    vf = tl.floor(((z + 1.0) * vocab - 1.0) * 0.5 + 0.5)
+    vstar = tl.where(vf >= 0, tl.where(vf > vocab - 1, vocab - 1, vf), 0).to(tl.int32)
+    w = z - ((2 * vstar + 1).to(g.dtype) / vocab - 1.0)
+    r = tl.sqrt(2.0 * log_margin / prec) / step
+    half = tl.where(r >= vocab, vocab, tl.ceil(r) + 1).to(tl.int32)
+    # The window [vstar - half, vstar + half], or the whole vocabulary when that is smaller.
+    n_win = tl.minimum(2 * half + 1, vocab)
+    base = tl.where(2 * half + 1 >= vocab, 0, vstar - half)
+    return b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base
+
+
+@triton.jit
+def _recon_sums(prec, step, vstar, w, n_win, base, vocab, WANT_GRAD: tl.constexpr):
+    s0 = tl.zeros_like(w).to(tl.float64)
+    s1 = tl.zeros_like(s0)
+    s2 = tl.zeros_like(s0)
+    for k in range(0, n_win):
+        v = base + k
+        u = (v - vstar).to(w.dtype) * step
+        e = tl.where((v >= 0) & (v < vocab), tl.exp(prec * u * (w - 0.5 * u)), 0.0).to(tl.float64)
+        s0 += e
+        if WANT_GRAD:
+            s1 += e * u
+            s2 += e * u * u
+    return s0, s1, s2
+
+
+@triton.jit
+def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, n_chunks, vocab, log_margin,
+               BLOCK: tl.constexpr):
+    b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base = _recon_setup(
+        x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
+    s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, False)
+    ux = (x - vstar).to(w.dtype) * step
+    loss = tl.log(s0).to(w.dtype) + 0.5 * prec * ux * (ux - 2.0 * w)
+    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum(tl.where(mask, loss, 0.0).to(tl.float64)))
+
+
+@triton.jit
+def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, n_chunks, vocab,
+               log_margin, BLOCK: tl.constexpr):
+    b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base = _recon_setup(
+        x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
+    s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, True)
+    ux = (x - vstar).to(w.dtype) * step
+    mean_u = (s1 / s0).to(w.dtype)
+    dz = prec * (mean_u - ux)
+    dprec = w * (mean_u - ux) + 0.5 * (ux * ux - (s2 / s0).to(w.dtype))
+    go = tl.load(go_ptr + b)
+    tl.store(geps_ptr + b * D + offs, go * dz * scale, mask=mask)
+    dg = tl.where(mask, 0.5 * scale * eps * dz - prec * dprec, 0.0)
+    tl.store(part_ptr + b * n_chunks + tl.program_id(1), go.to(tl.float64) * tl.sum(dg.to(tl.float64)))
+
+
+def recon_forward(x, eps, gamma, vocab_size):
+    B, D = eps.shape
+    part = _partials(B, D, eps.device)
+    _recon_fwd[_grid(B, D)](x, eps, gamma, part, D, part.shape[1], vocab_size, LOG_MARGIN[eps.dtype],
+                            BLOCK=BLOCK)
+    return part.sum(1).to(eps.dtype)
+
+
+def recon_backward(grad, x, eps, gamma, vocab_size):
+    B, D = eps.shape
+    grad_eps, part = torch.empty_like(eps), _partials(B, D, eps.device)
+    _recon_bwd[_grid(B, D)](grad, x, eps, gamma, grad_eps, part, D, part.shape[1], vocab_size,
+                            LOG_MARGIN[eps.dtype], BLOCK=BLOCK)
+    return grad_eps, part.sum(1).to(gamma.dtype)
