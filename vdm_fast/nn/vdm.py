@@ -44,10 +44,14 @@ class VDM(nn.Module):
             return antithetic_times(B, generator=generator, device=device, dtype=self.dtype)
         return torch.rand(B, generator=generator, device=device, dtype=self.dtype)
 
-    def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> VLBTerms:
+    def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None, *,
+                t: Optional[Tensor] = None, eps: Optional[Tensor] = None,
+                eps_0: Optional[Tensor] = None) -> VLBTerms:
         """One Monte-Carlo estimate of the bound's terms for each image of ``x``.
 
         ``T = 0``: continuous-time diffusion loss; ``T > 0``: the T-step discrete-time loss.
+        The times ``t [B]`` and noises ``eps``, ``eps_0`` (shape of ``x``) are drawn from
+        ``generator`` unless given (a data-parallel trainer slices them from a global draw).
         """
         _checks.finite_number("T", T, integer=True)
         if T < 0:
@@ -58,7 +62,7 @@ class VDM(nn.Module):
         B, device, dtype = x.shape[0], x.device, self.dtype
         f = encode(x, self.vocab_size, dtype)
 
-        t = self._times(B, device, generator)
+        t = self._times(B, device, generator) if t is None else t.to(device, dtype)
         times = [t, t.new_zeros(1), t.new_ones(1)]
         if T > 0:
             t, s = discretize_time(t, T)
@@ -68,10 +72,14 @@ class VDM(nn.Module):
         gamma_t, dgamma_dt = gamma[:B], dgamma_dt[:B]
         gamma_0, gamma_1 = gamma[-2].expand(B), gamma[-1].expand(B)
 
-        eps = torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
+        def noise(given):
+            if given is None:
+                return torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
+            return given.to(device, dtype)
+
+        eps = noise(eps)
         eps_hat = self.score_net(ops.diffuse(f, eps, gamma_t), gamma_t)
-        eps_0 = torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
-        return ops.vlb_terms(x, eps, eps_hat, eps_0, gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
+        return ops.vlb_terms(x, eps, eps_hat, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
                              gamma_s=gamma[B:2 * B] if T else None, T=T, vocab_size=self.vocab_size)
 
     @torch.no_grad()

@@ -1,0 +1,57 @@
+"""Shared timing helpers of the benchmark suites: reference and fused on the same inputs, in one
+run, reported as a ratio (and as GB/s against the device's measured copy bandwidth)."""
+
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, min_time=0.5, max_reps=50):
+    """Median seconds per call of ``fn()``, after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes=1 << 28):
+    """Measured device-memory copy bandwidth in GB/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device)
+    return 2 * nbytes / seconds / 1e9
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def header(title, device):
+    import vdm_fast
+
+    info = vdm_fast.build_info()
+    return (f"## {title}\n\n{date.today()} · {device_name(device)} · torch {torch.__version__} · "
+            f"vdm_fast {vdm_fast.__version__} (extension: {info.get('extension')}, cuda: {info.get('cuda')})"
+            f" · copy bandwidth {copy_bandwidth(device):.1f} GB/s\n")
+
+
+def table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

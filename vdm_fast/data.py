@@ -1,0 +1,178 @@
+"""Datasets of integer images, loaded from local files only (nothing is downloaded).
+
+Every loader returns a ``Dataset``: uint8 images ``[N, C, H, W]`` in ``[0, vocab_size)`` and
+int64 labels (or None), for a train and a test split.
+"""
+
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: Optional[torch.Tensor]  # int64 [N] or None
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    vocab_size: int
+
+    @property
+    def image_shape(self):
+        return tuple(self.train.images.shape[1:])
+
+
+class DataError(ValueError):
+    """A dataset is missing or not in the expected form; the message says what and where."""
+
+
+def _nhwc_to_nchw(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits: 17 intensity levels (0..16), 10 classes.
+
+    A fixed permutation puts 1500 images in train and the other 297 in test.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # [1797, 1, 8, 8]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1500], order[1500:]
+    return Dataset(Split(images[train], labels[train]), Split(images[test], labels[test]), vocab_size=17)
+
+
+def _cifar_batches(path: Path):
+    """(name, dict) of the python-version CIFAR-10 batches, from the archive or its folder."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if path.is_file():
+        try:
+            with tarfile.open(path) as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers()}
+                missing = [n for n in names if n not in members]
+                if missing:
+                    raise DataError(f"{path} lacks the CIFAR-10 batches {missing}")
+                return {n: pickle.load(tar.extractfile(members[n]), encoding="bytes") for n in names}
+        except tarfile.TarError as err:
+            raise DataError(f"{path} is not a readable tar archive ({err}); expected cifar-10-python.tar.gz") from err
+    folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} lacks the CIFAR-10 batches {missing}; expected the extracted "
+                        "cifar-10-python.tar.gz (folder cifar-10-batches-py) or the archive itself")
+    batches = {}
+    for n in names:
+        with open(folder / n, "rb") as fh:
+            batches[n] = pickle.load(fh, encoding="bytes")
+    return batches
+
+
+def load_cifar10(path: str) -> Dataset:
+    """CIFAR-10, python version: ``cifar-10-python.tar.gz`` or its extracted folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"CIFAR-10 not found at {path}: expected cifar-10-python.tar.gz or the "
+                        "folder cifar-10-batches-py extracted from it (nothing is downloaded)")
+    batches = _cifar_batches(p)
+
+    def split(names):
+        try:
+            data = np.concatenate([batches[n][b"data"] for n in names])
+            labels = np.concatenate([batches[n][b"labels"] for n in names])
+        except (KeyError, TypeError) as err:
+            raise DataError(f"{path}: a CIFAR-10 batch lacks b'data' or b'labels' ({err})") from err
+        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+            raise DataError(f"{path}: CIFAR-10 data must be uint8 [N, 3072], got {data.dtype} {data.shape}")
+        return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels.astype(np.int64)))
+
+    return Dataset(split([f"data_batch_{i}" for i in range(1, 6)]), split(["test_batch"]), vocab_size=256)
+
+
+def load_imagenet(path: str, size: int) -> Dataset:
+    """Downsampled ImageNet ``size``x``size`` (32 or 64) in its npz form: a folder holding
+    ``train_data_batch_*.npz`` and ``val_data.npz``, each with ``data`` uint8 ``[N, 3 * size^2]``
+    (channel planes) and ``labels`` (1-based)."""
+    folder = Path(path)
+    train_files = sorted(folder.glob("train_data_batch_*.npz"))
+    val_file = folder / "val_data.npz"
+    if not folder.is_dir() or not train_files or not val_file.is_file():
+        raise DataError(f"ImageNet {size}x{size} not found in {path}: expected a folder with "
+                        "train_data_batch_*.npz and val_data.npz (the downsampled npz release)")
+
+    def split(files):
+        data, labels = [], []
+        for f in files:
+            with np.load(f) as npz:
+                if "data" not in npz or npz["data"].shape[1:] != (3 * size * size,):
+                    raise DataError(f"{f}: expected 'data' of shape [N, {3 * size * size}]")
+                data.append(npz["data"])
+                labels.append(npz["labels"])
+        images = torch.from_numpy(np.concatenate(data).astype(np.uint8).reshape(-1, 3, size, size))
+        return Split(images, torch.from_numpy(np.concatenate(labels).astype(np.int64) - 1))
+
+    return Dataset(split(train_files), split([val_file]), vocab_size=256)
+
+
+def load_array(path: str) -> Dataset:
+    """Any ``.npy``/``.npz`` of uint8 images ``[N, H, W, C]``. An npz may hold ``train`` and
+    ``test`` arrays; otherwise its one array (or the ``.npy``) is split 90/10 by a fixed
+    permutation."""
+    p = Path(path)
+    if not p.is_file() or p.suffix not in (".npy", ".npz"):
+        raise DataError(f"expected a .npy or .npz file of uint8 images [N, H, W, C] at {path}")
+    try:
+        if p.suffix == ".npy":
+            arrays = {"images": np.load(p, allow_pickle=False)}
+        else:
+            with np.load(p, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} could not be read as numpy data ({err})") from err
+    for name, a in arrays.items():
+        if a.dtype != np.uint8 or a.ndim != 4:
+            raise DataError(f"{path}: array {name!r} must be uint8 [N, H, W, C], got {a.dtype} {a.shape}")
+    if "train" in arrays and "test" in arrays:
+        return Dataset(Split(_nhwc_to_nchw(arrays["train"]), None), Split(_nhwc_to_nchw(arrays["test"]), None), 256)
+    if len(arrays) != 1:
+        raise DataError(f"{path}: expected one array, or 'train' and 'test', got {sorted(arrays)}")
+    images = _nhwc_to_nchw(next(iter(arrays.values())))
+    if len(images) < 2:
+        raise DataError(f"{path}: needs at least 2 images for a train/test split, got {len(images)}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n_test = max(1, len(images) // 10)
+    return Dataset(Split(images[order[n_test:]], None), Split(images[order[:n_test]], None), 256)
+
+
+def load(name: str, data_dir: str = "") -> Dataset:
+    if name == "digits":
+        return load_digits()
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    if name in ("imagenet32", "imagenet64"):
+        return load_imagenet(data_dir, int(name[-2:]))
+    if name == "npy":
+        return load_array(data_dir)
+    raise DataError(f"unknown dataset {name!r}; expected digits, cifar10, imagenet32, imagenet64 or npy")
+
+
+def histogram_bpd(train: torch.Tensor, test: torch.Tensor, vocab_size: int) -> float:
+    """Bits per dim of ``test`` under independent per-pixel histograms fitted on ``train``
+    (add-one smoothing): the baseline a model must beat to have learned anything."""
+    flat_train = train.reshape(len(train), -1).long()
+    counts = torch.ones(flat_train.shape[1], vocab_size, dtype=torch.float64)
+    counts.scatter_add_(1, flat_train.T.contiguous(), torch.ones_like(flat_train.T, dtype=torch.float64))
+    logp = torch.log2(counts / counts.sum(1, keepdim=True))
+    flat_test = test.reshape(len(test), -1).long()
+    return -logp.gather(1, flat_test.T.contiguous()).mean().item()
