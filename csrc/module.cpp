@@ -12,6 +12,7 @@
 #endif
 
 #include "loss.h"
+#include "schedule.h"
 
 namespace py = pybind11;
 
@@ -121,8 +122,49 @@ PYBIND11_MODULE(_C, m) {
       vdm::sse_backward_cpu<T>(ptr<T>(grad), ptr<T>(x), ptr<T>(y), ptr<T>(grad_x), B, D);
     });
   }, nogil);
+  m.def("nnet_forward_cpu", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gamma,
+                               Addr dgamma, int64_t B, int64_t n, const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::nnet_forward_cpu<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
+                               ptr<T>(gamma), ptr<T>(dgamma), B, n);
+    });
+  }, nogil);
+  m.def("nnet_backward_cpu", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gg,
+                                Addr gd, Addr gt, Addr gw1, Addr gb1, Addr gw2, Addr gb2, Addr gw3,
+                                int64_t B, int64_t n, const std::string& dtype) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::nnet_backward_cpu<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
+                                ptr<T>(gg), ptr<T>(gd), ptr<T>(gt), ptr<T>(gw1), ptr<T>(gb1),
+                                ptr<T>(gw2), ptr<T>(gb2), ptr<T>(gw3), B, n);
+    });
+  }, nogil);
 
 #ifdef VDM_FAST_WITH_CUDA
+  m.def("nnet_forward_cuda", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gamma,
+                                Addr dgamma, int64_t B, int64_t n, const std::string& dtype,
+                                Addr stream) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::nnet_forward_cuda<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
+                                ptr<T>(gamma), ptr<T>(dgamma), B, n, ptr<void>(stream));
+    });
+  }, nogil);
+  m.def("nnet_backward_cuda", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gg,
+                                 Addr gd, Addr gt, Addr gw1, Addr gb1, Addr gw2, Addr gb2, Addr gw3,
+                                 int64_t B, int64_t n, Addr workspace, const std::string& dtype,
+                                 Addr stream) {
+    with_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      vdm::nnet_backward_cuda<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2),
+                                 ptr<T>(w3), ptr<T>(gg), ptr<T>(gd), ptr<T>(gt), ptr<T>(gw1),
+                                 ptr<T>(gb1), ptr<T>(gw2), ptr<T>(gb2), ptr<T>(gw3), B, n,
+                                 ptr<void>(workspace), ptr<void>(stream));
+    });
+  }, nogil);
+  m.def("nnet_backward_cuda_workspace", &vdm::nnet_backward_cuda_workspace,
+        "Bytes of zeroed workspace nnet_backward_cuda needs for (B, n).");
   m.def("recon_forward_cuda", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr out, int64_t B,
                                  int64_t D, int vocab, const std::string& dtype, Addr stream) {
     with_dtype(dtype, [&](auto* tag) {

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import RTOL, assert_close, poisoned  # noqa: F401 (fixture)
 
+from vdm_fast import _ext, ops
 from vdm_fast import nn as vnn
+from vdm_fast.ops import schedule as ops_schedule
 from vdm_fast.reference import schedule as ref
 
 
@@ -70,3 +72,167 @@ def test_antithetic_times_cover_the_unit_interval_evenly():
 def test_schedule_rejects_bad_endpoints():
     with pytest.raises(ValueError, match="gamma_min"):
         vnn.FixedLinearSchedule(5.0, -13.3)
+
+
+# --- the fused op against the autograd reference ------------------------------------------------
+
+
+needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
+
+
+def _times(B, dtype):
+    t = torch.rand(B, dtype=dtype)
+    t[: min(B, 2)] = torch.tensor([0.0, 1.0], dtype=dtype)[: min(B, 2)]  # the endpoints exactly
+    return t
+
+
+def _fused_and_reference(fn, t, params, upstream):
+    """Outputs and all gradients of ``fn`` (fused) and of the autograd reference, for upstream
+    gradients on gamma, on gamma' or on both (None: that output does not reach the loss)."""
+    results = []
+    for impl in (fn, ref.nnet):
+        leaves = [x.detach().clone().requires_grad_() for x in (t, *params)]
+        outputs = impl(*leaves)
+        total = sum((out * up).sum() for out, up in zip(outputs, upstream) if up is not None)
+        results.append((*outputs, *torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)))
+    return results
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B, n", [(1, 1), (37, 7), (300, 1024)])
+@pytest.mark.parametrize("which", ["gamma", "dgamma", "both"])
+def test_fused_schedule_matches_autograd_reference(dtype, B, n, which, poisoned):
+    poisoned(ops_schedule)
+    params = _random_nnet_params(n, dtype)
+    t = _times(B, dtype)
+    gg = torch.randn(B, dtype=dtype) if which in ("gamma", "both") else None
+    gd = torch.randn(B, dtype=dtype) if which in ("dgamma", "both") else None
+    fused, truth = _fused_and_reference(ops.gamma_nnet, t, params, (gg, gd))
+    names = ("gamma", "gamma'", "grad t", "grad w1", "grad b1", "grad w2", "grad b2", "grad w3")
+    for a, b, name in zip(fused, truth, names):
+        assert_close(a, b, RTOL[dtype] * 10, name)
+
+
+@needs_ext
+def test_fused_schedule_gradcheck_float64():
+    params = [p.requires_grad_() for p in _random_nnet_params(5)]
+    t = torch.rand(6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: ops.gamma_nnet(*a), (t, *params))
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_schedule_is_monotone(seed):
+    torch.manual_seed(seed)
+    params = _random_nnet_params(1024)
+    gamma, dgamma = ops.gamma_nnet(torch.linspace(0, 1, 2001, dtype=torch.float64), *params)
+    assert (gamma[1:] > gamma[:-1]).all() and (dgamma > 0).all()
+
+
+@needs_ext
+def test_fused_schedule_opcheck_and_compile():
+    params = [p.float().requires_grad_() for p in _random_nnet_params(9)]
+    t = torch.rand(5)
+    torch.library.opcheck(torch.ops.vdm_fast.gamma_nnet.default, (t.clone().requires_grad_(), *params))
+    torch.library.opcheck(torch.ops.vdm_fast.gamma_nnet_backward.default,
+                          (t, *[p.detach() for p in params], torch.randn(5), torch.randn(5)))
+
+    def loss(t, *p):
+        gamma, dgamma = ops.gamma_nnet(t, *p)
+        return (gamma.sin() * dgamma).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    a = torch.autograd.grad(compiled(t, *params), params)
+    b = torch.autograd.grad(loss(t, *params), params)
+    for u, v in zip(a, b):
+        assert_close(u, v, 1e-5)
+
+
+@needs_ext
+def test_pinned_schedule_hits_its_endpoints_and_matches_the_reference_composition():
+    w1, b1, w2, b2, w3 = _random_nnet_params(16)
+    g0, g1 = torch.tensor([-11.0], dtype=torch.float64), torch.tensor([6.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    gamma, dgamma = ops.gamma_nnet_pinned(t, w1, b1, w2, b2, w3, g0, g1)
+    assert_close(gamma[[0, 2]], torch.tensor([-11.0, 6.0], dtype=torch.float64), 1e-13)
+    g_all, dg_all = ref.nnet(torch.tensor([0.3, 0.0, 1.0], dtype=torch.float64), w1, b1, w2, b2, w3)
+    scale = 17.0 / (g_all[2] - g_all[1])
+    assert_close(gamma[1], -11.0 + scale * (g_all[0] - g_all[1]), 1e-12)
+    assert_close(dgamma[1], scale * dg_all[0], 1e-12)
+
+
+@needs_ext
+def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
+    """Shape parameters: sum_i 2 L_i dL_i/d eta == d/d eta sum_i L_i^2 (autograd, reference)."""
+    params = [p.requires_grad_() for p in _random_nnet_params(12)]
+    endpoints = [torch.tensor([-10.0], dtype=torch.float64, requires_grad=True),
+                 torch.tensor([4.0], dtype=torch.float64, requires_grad=True)]
+    B = 9
+    t = torch.rand(B, dtype=torch.float64)
+    f, eps = torch.rand(B, 5, dtype=torch.float64), torch.randn(B, 5, dtype=torch.float64)
+
+    def per_example_loss(gamma, dgamma):  # a continuous-time diffusion loss with a toy denoiser
+        z = torch.sqrt(torch.sigmoid(-gamma))[:, None] * f + torch.sqrt(torch.sigmoid(gamma))[:, None] * eps
+        eps_hat = torch.tanh(z) * torch.sigmoid(gamma)[:, None]
+        return 0.5 * dgamma * ((eps - eps_hat) ** 2).sum(1)
+
+    # Autograd truth on the reference schedule, pinned by hand.
+    g, dg = ref.nnet(torch.cat([t, torch.tensor([0.0, 1.0], dtype=torch.float64)]), *params)
+    scale = (endpoints[1] - endpoints[0]) / (g[B + 1] - g[B])
+    L = per_example_loss(endpoints[0] + scale * (g[:B] - g[B]), scale * dg[:B])
+    expected = torch.autograd.grad((L**2).sum(), params)
+
+    # The fused path: per-example cotangents from an ordinary backward, then the companion.
+    gamma, dgamma = ops.gamma_nnet_pinned(t, *params, *endpoints)
+    L = per_example_loss(gamma, dgamma)
+    grad_gamma, grad_dgamma = torch.autograd.grad(L.sum(), (gamma, dgamma))
+    got = ops.variance_gradients(t, params, grad_gamma, grad_dgamma, L, endpoints=endpoints)
+    # The pinned form does not depend on b1 at all: its gradient is rounding noise around zero,
+    # so the tolerance is set by the largest gradient.
+    atol = 1e-10 * max(e.abs().max().item() for e in expected)
+    for a, b in zip(got, expected):
+        assert_close(a, b, 1e-10, atol=atol)
+
+    schedule = vnn.MonotoneNetSchedule(n_features=12, pinned=True).double()
+    with torch.no_grad():
+        for p, q in zip(schedule.network(), params):
+            p.copy_(q)
+        schedule.gamma_0.copy_(endpoints[0])
+        schedule.gamma_1.copy_(endpoints[1])
+    schedule.variance_gradients_(t, grad_gamma, grad_dgamma, L)
+    for p, b in zip(schedule.network(), expected):
+        assert_close(p.grad, b, 1e-10, atol=atol)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(t=torch.tensor([0.5, 1.5])), ValueError, r"t must lie in \[0, 1\]"),
+    (dict(t=torch.tensor([[0.5]])), ValueError, "t must be a non-empty 1-d tensor"),
+    (dict(w2=torch.randn(4)), ValueError, "w2 must have shape"),
+    (dict(w3=torch.randn(1, 5)), ValueError, r"w3 must have shape \(1, 4\)"),
+    (dict(b1=torch.randn(1, dtype=torch.float64)), TypeError, "b1 must have t's dtype"),
+    (dict(t=torch.tensor([1, 0])), TypeError, "t must be a floating-point tensor"),
+])
+def test_fused_schedule_rejects(change, error, match):
+    good = dict(t=torch.rand(3), w1=torch.randn(1, 1), b1=torch.randn(1), w2=torch.randn(4, 1),
+                b2=torch.randn(4), w3=torch.randn(1, 4))
+    with pytest.raises(error, match=match):
+        ops.gamma_nnet(**{**good, **change})
+
+
+triton_schedule = pytest.importorskip("vdm_fast.kernels.schedule", reason="triton is not installed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B, n", [(1, 1), (33, 130)])  # ragged tiles in both directions
+def test_triton_schedule_matches_autograd_reference(dtype, B, n, poisoned):
+    poisoned(triton_schedule)
+    params = _random_nnet_params(n, dtype)
+    t = _times(B, dtype)
+    gg, gd = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in (t, *params)]
+    gamma, dgamma = ref.nnet(*leaves)
+    truth = (gamma, dgamma, *torch.autograd.grad((gamma * gg + dgamma * gd).sum(), leaves))
+    got = (*triton_schedule.nnet_forward(t, *params), *triton_schedule.nnet_backward(t, *params, gg, gd))
+    for a, b in zip(got, truth):
+        assert_close(a, b, RTOL[dtype] * 10)

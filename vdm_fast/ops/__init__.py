@@ -8,5 +8,7 @@ reference where no kernel exists or ``VDM_FAST_BACKEND=reference`` asks for it.
 from vdm_fast.ops.loss import (VLBTerms, diffuse, diffusion_loss, diffusion_loss_discrete, prior_loss,
                                reconstruction_loss, vlb_terms)
 
-__all__ = ["VLBTerms", "diffuse", "diffusion_loss", "diffusion_loss_discrete", "prior_loss",
-           "reconstruction_loss", "vlb_terms"]
+from vdm_fast.ops.schedule import gamma_nnet, gamma_nnet_pinned, variance_gradients
+
+__all__ = ["VLBTerms", "diffuse", "diffusion_loss", "diffusion_loss_discrete", "gamma_nnet", "gamma_nnet_pinned",
+           "prior_loss", "reconstruction_loss", "variance_gradients", "vlb_terms"]

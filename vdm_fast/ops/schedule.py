@@ -1,0 +1,181 @@
+"""The learned monotone noise schedule as a fused op (math: ``vdm_fast.reference.schedule``;
+kernels: ``csrc/schedule.*`` and ``kernels/schedule.py``).
+
+``vdm_fast::gamma_nnet`` returns ``gamma(t)`` and ``gamma'(t)`` in one pass; its backward
+takes upstream gradients of both and returns the gradients of ``t`` and of the five parameters
+in one more pass, analytically: no autograd graph of the network and no double backward.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vdm_fast import _ext
+from vdm_fast.ops import _checks
+from vdm_fast.reference import schedule as ref
+
+PARAMS = ("w1", "b1", "w2", "b2", "w3")
+
+
+def _triton():
+    from vdm_fast.kernels import schedule  # imported on first CUDA use: triton is slow to import
+
+    return schedule
+
+
+def _use_cuda_cpp() -> bool:
+    return (_ext.cuda_impl() == "cuda" and _ext.has_cuda_kernels()) or not _ext.has_triton()
+
+
+def _fused(device: torch.device) -> bool:
+    if _ext.use_reference():
+        return False
+    if device.type == "cpu":
+        return _ext.has_cpu_kernels()
+    return device.type == "cuda" and (_ext.has_triton() or _ext.has_cuda_kernels())
+
+
+def _name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@torch.library.custom_op("vdm_fast::gamma_nnet", mutates_args=())
+def _gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
+    t, w1, b1, w2, b2, w3 = (x.contiguous() for x in (t, w1, b1, w2, b2, w3))
+    if t.is_cuda and not _use_cuda_cpp():
+        return _triton().nnet_forward(t, w1, b1, w2, b2, w3)
+    gamma, dgamma = torch.empty_like(t), torch.empty_like(t)
+    args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], _name(t)]
+    if t.is_cuda:
+        _ext._C.nnet_forward_cuda(*args, _stream(t))
+    else:
+        _ext._C.nnet_forward_cpu(*args)
+    return gamma, dgamma
+
+
+@_gamma_nnet.register_fake
+def _(t, w1, b1, w2, b2, w3):
+    return torch.empty_like(t), torch.empty_like(t)
+
+
+@torch.library.custom_op("vdm_fast::gamma_nnet_backward", mutates_args=())
+def _gamma_nnet_backward(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                         grad_gamma: Tensor, grad_dgamma: Tensor) -> list[Tensor]:
+    inputs = [x.contiguous() for x in (t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma)]
+    if t.is_cuda and not _use_cuda_cpp():
+        return list(_triton().nnet_backward(*inputs))
+    grads = [torch.empty_like(x) for x in inputs[:6]]
+    args = [x.data_ptr() for x in inputs + grads] + [t.shape[0], w2.shape[0]]
+    if t.is_cuda:
+        workspace = torch.zeros(_ext._C.nnet_backward_cuda_workspace(*args[-2:]), dtype=torch.uint8, device=t.device)
+        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t), _stream(t))
+    else:
+        _ext._C.nnet_backward_cpu(*args, _name(t))
+    return grads
+
+
+@_gamma_nnet_backward.register_fake
+def _(t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma):
+    return [torch.empty_like(x) for x in (t, w1, b1, w2, b2, w3)]
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_gamma, grad_dgamma):
+    t = ctx.saved_tensors[0]
+    # An output that did not reach the loss has no gradient: it contributes zero.
+    grad_gamma = torch.zeros_like(t) if grad_gamma is None else grad_gamma
+    grad_dgamma = torch.zeros_like(t) if grad_dgamma is None else grad_dgamma
+    return tuple(_gamma_nnet_backward(*ctx.saved_tensors, grad_gamma, grad_dgamma))
+
+
+_gamma_nnet.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_params(t, w1, b1, w2, b2, w3) -> None:
+    _checks.tensor("t", t, floating=True)
+    if t.dim() != 1 or t.shape[0] == 0:
+        raise ValueError(f"t must be a non-empty 1-d tensor of times [B], got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"t must be float32 or float64, got {t.dtype}")
+    for name, p in zip(PARAMS, (w1, b1, w2, b2, w3)):
+        _checks.tensor(name, p, floating=True)
+        _checks.same_device(name, p, "t", t)
+        if p.dtype != t.dtype:
+            raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
+    layout = "torch Linear layout: w1 [1, 1], b1 [1], w2 [n, 1], b2 [n], w3 [1, n]"
+    if w2.dim() != 2 or w2.shape[1] != 1 or w2.shape[0] < 1:
+        raise ValueError(f"w2 must have shape (n, 1) with n >= 1 ({layout}), got {tuple(w2.shape)}")
+    n = w2.shape[0]
+    expected = {"w1": (1, 1), "b1": (1,), "b2": (n,), "w3": (1, n)}
+    for name, p in zip(PARAMS, (w1, b1, w2, b2, w3)):
+        if name in expected and tuple(p.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} ({layout}), got {tuple(p.shape)}")
+    if not torch.compiler.is_compiling():
+        lo, hi = (v.item() for v in torch.aminmax(t.detach()))
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"t must lie in [0, 1], got values in [{lo}, {hi}]")
+
+
+def gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor):
+    """``(gamma(t), gamma'(t))`` of the official monotone network, fused.
+
+    Parameters in torch ``Linear`` layout (``w1 [1, 1], b1 [1], w2 [n, 1], b2 [n], w3 [1, n]``),
+    raw (the network uses their absolute values); ``t``: ``[B]`` in ``[0, 1]``, float32 or
+    float64. Gradients flow to ``t`` and every parameter from either output.
+    """
+    _check_params(t, w1, b1, w2, b2, w3)
+    if not _fused(t.device):
+        return ref.nnet(t, w1, b1, w2, b2, w3)
+    return _gamma_nnet(t, w1, b1, w2, b2, w3)
+
+
+def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                      gamma_0: Tensor, gamma_1: Tensor):
+    """The endpoint-pinned schedule of the paper:
+    ``gamma(t) = gamma_0 + (gamma_1 - gamma_0) (g(t) - g(0)) / (g(1) - g(0))`` with ``g`` the
+    monotone network and learned scalar endpoints ``gamma_0``, ``gamma_1`` (shape ``[1]``).
+
+    ``g`` runs once, fused, on ``[t, 0, 1]``; the normalisation is ``[B]``-sized arithmetic.
+    """
+    for name, p in (("gamma_0", gamma_0), ("gamma_1", gamma_1)):
+        _checks.tensor(name, p, floating=True)
+        if tuple(p.shape) != (1,):
+            raise ValueError(f"{name} must have shape (1,), got {tuple(p.shape)}")
+    _checks.tensor("t", t, floating=True)
+    if t.dim() != 1:
+        raise ValueError(f"t must be a 1-d tensor of times [B], got shape {tuple(t.shape)}")
+    B = t.shape[0]
+    g, dg = gamma_nnet(torch.cat([t, t.new_tensor([0.0, 1.0])]), w1, b1, w2, b2, w3)
+    g_t, g_0, g_1 = g[:B], g[B], g[B + 1]
+    scale = (gamma_1 - gamma_0) / (g_1 - g_0)
+    return gamma_0 + scale * (g_t - g_0), scale * dg[:B]
+
+
+def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor,
+                       endpoints: Optional[tuple] = None):
+    """Variance minimisation (shared/DESIGN.md section 2): the gradients of ``sum_i L_i^2`` with
+    respect to the network's parameters ``params = (w1, b1, w2, b2, w3)``, that is
+    ``sum_i 2 L_i dL_i/d eta``, from each example's ``dL_i / d gamma_t`` (``grad_gamma``) and
+    ``dL_i / d gamma'_t`` (``grad_dgamma``) and its diffusion loss ``L_i`` (``loss``, no gradient
+    flows through it). With ``endpoints = (gamma_0, gamma_1)`` the schedule is the pinned one.
+
+    A trainer runs its ordinary VLB backward (which gives the endpoints their VLB gradient), then
+    replaces the network parameters' gradients with these: one more fused forward and backward.
+    """
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        if endpoints is None:
+            gamma, dgamma = gamma_nnet(t.detach(), *leaves)
+        else:
+            gamma, dgamma = gamma_nnet_pinned(t.detach(), *leaves, *(e.detach() for e in endpoints))
+        weight = 2.0 * loss.detach()
+        surrogate = (weight * (grad_gamma.detach() * gamma + grad_dgamma.detach() * dgamma)).sum()
+        return torch.autograd.grad(surrogate, leaves)
