@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, max_rel_err, poisoned  # noqa: F401 (fixture)
+from helpers import RTOL, assert_close, max_rel_err, poisoned, requires_cuda  # noqa: F401 (fixture)
 
 from vdm_fast import _ext, ops
 from vdm_fast.ops import loss as ops_loss
@@ -368,3 +368,44 @@ def test_triton_reconstruction_loss_matches_reference(gamma, poisoned):
     for a, p, t, name in zip(fused, plain, truth, ("loss", "grad eps_0", "grad gamma_0")):
         err, ref_err = max_rel_err(a, t), max_rel_err(p, t)
         assert err <= max(2 * ref_err, RTOL[torch.float32]), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+# --- CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them) ----------------------------
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 5, 7)])
+def test_cuda_loss_ops_match_reference(impl, gamma, shape, monkeypatch, poisoned):
+    if impl == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("vdm_fast._C was built without CUDA")
+    monkeypatch.setenv("VDM_FAST_CUDA_IMPL", impl)
+    poisoned(ops_loss)
+    poisoned(triton_loss)
+    B = 6
+    x, eps, g = _recon_inputs(B, shape, gamma, torch.float64, x_dtype=torch.uint8)
+    go = torch.randn(B, dtype=torch.float64)
+    truth = _recon_with_grads(ref.reconstruction_loss, x, eps, g, go)
+    for dtype in (torch.float64, torch.float32):
+        fused = _recon_with_grads(ops.reconstruction_loss, x.cuda(), eps.to("cuda", dtype), g.to("cuda", dtype),
+                                  go.to("cuda", dtype))
+        plain = _recon_with_grads(ref.reconstruction_loss, x, eps.to(dtype), g.to(dtype), go.to(dtype))
+        for a, p, t in zip(fused, plain, truth):
+            if dtype == torch.float64:
+                assert_close(a.cpu(), t, 1e-9, atol=1e-13 * eps.numel())
+            else:  # as accurate as the float32 reference, against the float64 truth
+                assert max_rel_err(a.cpu(), t) <= max(2 * max_rel_err(p, t), RTOL[dtype])
+    f, e = torch.rand(B, *shape) * 2 - 1, torch.randn(B, *shape)
+    gt = torch.randn(B) * 5
+    go = torch.randn(B, *shape)
+    truth = _grads(ref.diffuse, (f.double(), e.double(), gt.double()), go.double())
+    for a, b in zip(_grads(ops.diffuse, (f.cuda(), e.cuda(), gt.cuda()), go.cuda()), truth):
+        assert_close(a.cpu(), b, RTOL[torch.float32] * 10)
+    for low in (torch.float32, torch.bfloat16):
+        eh = (e + 0.1 * torch.randn_like(e)).to(low)
+        dg = torch.rand(B) * 20
+        truth = _grads(ref.diffusion_loss, (e.double(), eh.double(), dg.double()), torch.ones(B, dtype=torch.float64))
+        fused = _grads(ops.diffusion_loss, (e.cuda(), eh.cuda(), dg.cuda()), torch.ones(B, device="cuda"))
+        for a, b in zip(fused, truth):
+            assert_close(a.cpu(), b, RTOL[low] if a.dtype == low else RTOL[torch.float32] * 10)

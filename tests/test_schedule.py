@@ -236,3 +236,27 @@ def test_triton_schedule_matches_autograd_reference(dtype, B, n, poisoned):
     got = (*triton_schedule.nnet_forward(t, *params), *triton_schedule.nnet_backward(t, *params, gg, gd))
     for a, b in zip(got, truth):
         assert_close(a, b, RTOL[dtype] * 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("B", [1, 128, 1000, 65536])
+def test_cuda_schedule_matches_autograd_reference(impl, B, monkeypatch, poisoned):
+    if impl == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("vdm_fast._C was built without CUDA")
+    monkeypatch.setenv("VDM_FAST_CUDA_IMPL", impl)
+    poisoned(ops_schedule)
+    poisoned(triton_schedule)
+    for dtype in (torch.float64, torch.float32):
+        params = _random_nnet_params(1024, dtype)
+        t = _times(B, dtype)
+        upstream = (torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype))
+        _, truth = _fused_and_reference(ops.gamma_nnet, t, params, upstream)
+        fused, _ = _fused_and_reference(ops.gamma_nnet, t.cuda(), [p.cuda() for p in params],
+                                        [u.cuda() for u in upstream])
+        for a, b in zip(fused, truth):
+            assert_close(a.cpu(), b, RTOL[dtype] * 100)
+        again, _ = _fused_and_reference(ops.gamma_nnet, t.cuda(), [p.cuda() for p in params],
+                                        [u.cuda() for u in upstream])
+        assert all(torch.equal(a, b) for a, b in zip(fused, again)), "not deterministic"

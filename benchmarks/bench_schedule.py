@@ -1,0 +1,70 @@
+"""Monotone noise schedule: autograd reference (gamma' through create_graph, then a double
+backward) vs the fused op, gamma and gamma' forward plus the backward of both, in one run.
+
+    python benchmarks/bench_schedule.py [--device cpu|cuda] [--impl triton|cuda]
+
+n = 1024 hidden units, B = 128, 1024 and 65536 times. Prints a markdown table (microseconds per
+forward+backward, ratio).
+"""
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from vdm_fast import ops
+from vdm_fast.reference import schedule as ref
+
+try:
+    from benchmarks.common import header, table, time_fn
+except ImportError:  # run as a script from the repository root
+    from common import header, table, time_fn
+
+SIZES = (128, 1024, 65536)
+
+
+def make_inputs(B, device, n=1024):
+    params = [torch.randn(1, 1) * 5, torch.randn(1), torch.randn(n, 1), torch.randn(n), torch.randn(1, n)]
+    params = [p.to(device).requires_grad_() for p in params]
+    t = torch.rand(B, device=device)
+    return t, params, torch.randn(B, device=device), torch.randn(B, device=device)
+
+
+def step(fn, t, params, gg, gd):
+    gamma, dgamma = fn(t, *params)
+    (gamma * gg + dgamma * gd).sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("B", [128, 1024])
+def test_schedule_fwd_bwd(benchmark, B, impl):
+    """pytest-benchmark front-end (``pytest benchmarks/``), CPU."""
+    benchmark.group = f"schedule, B={B}"
+    benchmark(step, ref.nnet if impl == "reference" else ops.gamma_nnet, *make_inputs(B, "cpu"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impl", choices=("triton", "cuda"), default=None,
+                        help="CUDA kernels to time (sets VDM_FAST_CUDA_IMPL)")
+    args = parser.parse_args()
+    if args.impl:
+        os.environ["VDM_FAST_CUDA_IMPL"] = args.impl
+    rows = []
+    for B in SIZES:
+        inputs = make_inputs(B, args.device)
+        reference = time_fn(lambda: step(ref.nnet, *inputs), args.device)
+        fused = time_fn(lambda: step(ops.gamma_nnet, *inputs), args.device)
+        rows.append({"B": B, "reference us": f"{reference * 1e6:.0f}", "fused us": f"{fused * 1e6:.0f}",
+                     "speed-up": f"{reference / fused:.1f}x"})
+        print(rows[-1], flush=True)
+    impl = f", {os.environ.get('VDM_FAST_CUDA_IMPL', 'triton')} kernels" if args.device.startswith("cuda") else ""
+    print()
+    print(header(f"Monotone schedule (n=1024), gamma + gamma' forward and backward{impl}", args.device))
+    print(table(rows, ["B", "reference us", "fused us", "speed-up"]))
+
+
+if __name__ == "__main__":
+    main()
