@@ -72,5 +72,13 @@ def model_from_checkpoint(path, use_ema: bool = True):
     return model, cfg, state
 
 
-__all__ = ["CheckpointError", "build_model", "check_compatible", "load", "model_from_checkpoint", "save",
-           "to_dict"]
+def model_for_cli(path):
+    """For the command-line entries: ``model_from_checkpoint``, or exit with the error."""
+    try:
+        return model_from_checkpoint(path)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}")
+
+
+__all__ = ["CheckpointError", "build_model", "check_compatible", "load", "model_for_cli", "model_from_checkpoint",
+           "save", "to_dict"]

@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from vdm_fast import data as datasets
-from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
+from vdm_fast.checkpoint import model_for_cli
 
 
 @torch.no_grad()
@@ -38,11 +38,11 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None, help="dataset location, if moved since training")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    model, cfg, state = model_for_cli(args.ckpt)
     try:
-        model, cfg, state = model_from_checkpoint(args.ckpt)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}")
-    ds = datasets.load(cfg.data, args.data_dir or cfg.data_dir)
+        ds = datasets.load(cfg.data, args.data_dir or cfg.data_dir)
+    except datasets.DataError as err:
+        raise SystemExit(f"error: {err} (pass --data-dir if the data moved)")
     model.to(args.device)
     bpd = test_bpd(model, ds.test.images, cfg.batch_size, T=args.T, max_batches=args.batches,
                    device=args.device, progress=True)

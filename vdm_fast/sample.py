@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
+from vdm_fast.checkpoint import model_for_cli
 
 
 def save_grid(images: torch.Tensor, vocab_size: int, path, scale: int = 1) -> None:
@@ -36,10 +36,7 @@ def main(argv=None):
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    try:
-        model, cfg, _ = model_from_checkpoint(args.ckpt)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}")
+    model, _, _ = model_for_cli(args.ckpt)
     model.to(args.device).eval()
     images = model.sample(args.n, args.T, generator=torch.Generator(args.device).manual_seed(args.seed))
     save_grid(images, model.vocab_size, args.out, scale=max(1, 128 // model.image_shape[-1]))
