@@ -100,33 +100,44 @@ void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamm
 }
 
 template <typename T>
-void sse_forward_cpu(const T* x, const T* y, T* out, int64_t B, int64_t D) {
+void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c, T* out, int64_t B,
+                     int64_t D) {
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * D;
+    const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1);
+    const T* yb = y ? y + o : nullptr;
+    const T* wb = w ? w + o : nullptr;
     double acc = 0;
-    if (y) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) {
-        const T e = x[o + d] - y[o + d];
-        acc += e * e;
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) acc += x[o + d] * x[o + d];
+    for (int64_t d = 0; d < D; ++d) {
+      const T r = x[o + d] - (yb ? ab * yb[d] : T(0)) - (wb ? cb * wb[d] : T(0));
+      acc += r * r;
     }
     out[b] = static_cast<T>(acc);
   }
 }
 
 template <typename T>
-void sse_backward_cpu(const T* grad, const T* x, const T* y, T* grad_x, int64_t B, int64_t D) {
+void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T* w, const T* c,
+                      T* grad_x, T* grad_a, T* grad_c, int64_t B, int64_t D) {
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * D;
-    const T g2 = T(2) * grad[b];
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) grad_x[o + d] = g2 * (x[o + d] - (y ? y[o + d] : T(0)));
+    const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1), g2 = T(2) * grad[b];
+    const T* yb = y ? y + o : nullptr;
+    const T* wb = w ? w + o : nullptr;
+    double acc_a = 0, acc_c = 0;
+#pragma omp simd reduction(+ : acc_a, acc_c)
+    for (int64_t d = 0; d < D; ++d) {
+      const T yd = yb ? yb[d] : T(0), wd = wb ? wb[d] : T(0);
+      const T gx = g2 * (x[o + d] - ab * yd - cb * wd);
+      grad_x[o + d] = gx;
+      acc_a += gx * yd;
+      acc_c += gx * wd;
+    }
+    if (grad_a) grad_a[b] = -static_cast<T>(acc_a);
+    if (grad_c) grad_c[b] = -static_cast<T>(acc_c);
   }
 }
 
@@ -138,8 +149,10 @@ void sse_backward_cpu(const T* grad, const T* x, const T* y, T* grad_x, int64_t 
   template void diffuse_forward_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t);     \
   template void diffuse_backward_cpu<T>(const T*, const T*, const T*, const T*, T*, T*, T*,     \
                                         int64_t, int64_t);                                      \
-  template void sse_forward_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                   \
-  template void sse_backward_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t);
+  template void sse_forward_cpu<T>(const T*, const T*, const T*, const T*, const T*, T*, int64_t, \
+                                    int64_t);                                                   \
+  template void sse_backward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*,   \
+                                     T*, T*, T*, int64_t, int64_t);
 
 VDM_INSTANTIATE(float)
 VDM_INSTANTIATE(double)

@@ -130,12 +130,17 @@ template <typename T>
 void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamma, T* grad_f,
                           T* grad_eps, T* grad_gamma, int64_t B, int64_t D);
 
-// Per-example sum of squared errors sum_d (x - y)^2 (y may be null: sum of squares), and its
-// backward grad_x = 2 go (x - y).
+// Per-example sum of squared errors sum_d r^2 with r = x - a_b y - c_b w: the residual of a
+// prediction x against a target that is a per-example combination of y and w (e.g. the v
+// target alpha eps - sigma f). y, w may be null (term absent); a, c ([B]) null mean 1.
+// Backward: grad_x = 2 go r; grad_a[b] = -sum_d grad_x y; grad_c[b] = -sum_d grad_x w (each
+// written only where its pointer is not null).
 template <typename T>
-void sse_forward_cpu(const T* x, const T* y, T* out, int64_t B, int64_t D);
+void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c, T* out, int64_t B,
+                     int64_t D);
 template <typename T>
-void sse_backward_cpu(const T* grad, const T* x, const T* y, T* grad_x, int64_t B, int64_t D);
+void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T* w, const T* c,
+                      T* grad_x, T* grad_a, T* grad_c, int64_t B, int64_t D);
 
 #ifdef VDM_FAST_WITH_CUDA
 template <typename T>

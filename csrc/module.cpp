@@ -107,19 +107,21 @@ PYBIND11_MODULE(_C, m) {
                                    ptr<T>(grad_f), ptr<T>(grad_eps), ptr<T>(grad_gamma), B, D);
     });
   }, nogil);
-  // y == 0 (a null address) means "no y": the sum of squares of x.
-  m.def("sse_forward_cpu", [](Addr x, Addr y, Addr out, int64_t B, int64_t D,
-                              const std::string& dtype) {
+  // A null address (0) for y, a, w or c means that term or coefficient is absent (see loss.h).
+  m.def("sse_forward_cpu", [](Addr x, Addr y, Addr a, Addr w, Addr c, Addr out, int64_t B,
+                              int64_t D, const std::string& dtype) {
     with_dtype(dtype, [&](auto* tag) {
       using T = VDM_T;
-      vdm::sse_forward_cpu<T>(ptr<T>(x), ptr<T>(y), ptr<T>(out), B, D);
+      vdm::sse_forward_cpu<T>(ptr<T>(x), ptr<T>(y), ptr<T>(a), ptr<T>(w), ptr<T>(c), ptr<T>(out), B, D);
     });
   }, nogil);
-  m.def("sse_backward_cpu", [](Addr grad, Addr x, Addr y, Addr grad_x, int64_t B, int64_t D,
+  m.def("sse_backward_cpu", [](Addr grad, Addr x, Addr y, Addr a, Addr w, Addr c, Addr grad_x,
+                               Addr grad_a, Addr grad_c, int64_t B, int64_t D,
                                const std::string& dtype) {
     with_dtype(dtype, [&](auto* tag) {
       using T = VDM_T;
-      vdm::sse_backward_cpu<T>(ptr<T>(grad), ptr<T>(x), ptr<T>(y), ptr<T>(grad_x), B, D);
+      vdm::sse_backward_cpu<T>(ptr<T>(grad), ptr<T>(x), ptr<T>(y), ptr<T>(a), ptr<T>(w), ptr<T>(c),
+                               ptr<T>(grad_x), ptr<T>(grad_a), ptr<T>(grad_c), B, D);
     });
   }, nogil);
   m.def("nnet_forward_cpu", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gamma,

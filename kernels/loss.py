@@ -79,46 +79,81 @@ def diffuse_backward(grad, f, eps, gamma):
 
 
 # --- sum of squared errors ------------------------------------------------------------------
+# r = x - a_b y - c_b w, with y, w optional and a, c per example (absent: 1); see csrc/loss.h.
 
 @triton.jit
-def _sse_fwd(x_ptr, y_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr, ACC: tl.constexpr,
-             BLOCK: tl.constexpr):
-    b, offs, mask = _chunk(D, BLOCK)
-    d = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+def _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y: tl.constexpr, HAS_A: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr):
+    r = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+    y = tl.zeros_like(r)
+    w = tl.zeros_like(r)
     if HAS_Y:
-        d -= tl.load(y_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum((d * d).to(tl.float64)))
+        y = tl.load(y_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_A:
+            r -= tl.load(a_ptr + b).to(ACC) * y
+        else:
+            r -= y
+    if HAS_W:
+        w = tl.load(w_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_C:
+            r -= tl.load(c_ptr + b).to(ACC) * w
+        else:
+            r -= w
+    return r, y, w
 
 
 @triton.jit
-def _sse_bwd(go_ptr, x_ptr, y_ptr, gx_ptr, D, HAS_Y: tl.constexpr, ACC: tl.constexpr,
+def _sse_fwd(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr,
+             HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr,
              BLOCK: tl.constexpr):
     b, offs, mask = _chunk(D, BLOCK)
-    d = tl.load(x_ptr + b * D + offs, mask=mask).to(ACC)
-    if HAS_Y:
-        d -= tl.load(y_ptr + b * D + offs, mask=mask).to(ACC)
-    go = tl.load(go_ptr + b).to(ACC)
-    tl.store(gx_ptr + b * D + offs, (2.0 * go * d).to(gx_ptr.dtype.element_ty), mask=mask)
+    r, y, w = _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y, HAS_A, HAS_W, HAS_C, ACC)
+    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum((r * r).to(tl.float64)))
+
+
+@triton.jit
+def _sse_bwd(go_ptr, x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, gx_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr,
+             HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr,
+             BLOCK: tl.constexpr):
+    b, offs, mask = _chunk(D, BLOCK)
+    r, y, w = _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y, HAS_A, HAS_W, HAS_C, ACC)
+    gx = 2.0 * tl.load(go_ptr + b).to(ACC) * r
+    tl.store(gx_ptr + b * D + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    # Partial sums for the coefficients' gradients: -sum grad_x y and -sum grad_x w.
+    chunk = b * n_chunks + tl.program_id(1)
+    tl.store(part_ptr + chunk, -tl.sum((gx * y).to(tl.float64)))
+    tl.store(part_ptr + tl.num_programs(0) * n_chunks + chunk, -tl.sum((gx * w).to(tl.float64)))
 
 
 def _acc(*tensors):
     return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def sse_forward(x, y):
+def _sse_args(x, y, a, w, c):
+    """Pointers (x stands in for an absent tensor, never read) and the constexpr flags."""
+    flags = dict(HAS_Y=y is not None, HAS_A=a is not None, HAS_W=w is not None, HAS_C=c is not None,
+                 ACC=_acc(x, y, w))
+    return [t if t is not None else x for t in (y, a, w, c)], flags
+
+
+def sse_forward(x, y=None, a=None, w=None, c=None):
     B, D = x.shape
     part = _partials(B, D, x.device)
-    _sse_fwd[_grid(B, D)](x, y if y is not None else x, part, D, part.shape[1], HAS_Y=y is not None,
-                          ACC=_acc(x, y), BLOCK=BLOCK)
+    ptrs, flags = _sse_args(x, y, a, w, c)
+    _sse_fwd[_grid(B, D)](x, *ptrs, part, D, part.shape[1], BLOCK=BLOCK, **flags)
     return part.sum(1)
 
 
-def sse_backward(grad, x, y):
+def sse_backward(grad, x, y=None, a=None, w=None, c=None):
+    """``(grad_x, grad_a, grad_c)``; ``grad_a``/``grad_c`` are ``[B]`` (zero where absent)."""
     B, D = x.shape
     grad_x = torch.empty_like(x)
-    _sse_bwd[_grid(B, D)](grad, x, y if y is not None else x, grad_x, D, HAS_Y=y is not None,
-                          ACC=_acc(x, y), BLOCK=BLOCK)
-    return grad_x
+    n_chunks = triton.cdiv(D, BLOCK)
+    part = torch.empty((2, B, n_chunks), device=x.device, dtype=torch.float64)
+    ptrs, flags = _sse_args(x, y, a, w, c)
+    _sse_bwd[_grid(B, D)](grad, x, *ptrs, grad_x, part, D, n_chunks, BLOCK=BLOCK, **flags)
+    sums = part.sum(2)  # float64; the op casts to its compute dtype
+    return grad_x, sums[0], sums[1]
 
 
 # --- reconstruction loss ---------------------------------------------------------------------

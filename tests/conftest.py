@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers import PoisonedTorch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,3 +17,11 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """``poisoned(module)`` makes ``module``'s allocations NaN-filled for the test."""
+    def apply(module):
+        monkeypatch.setattr(module, "torch", PoisonedTorch())
+    return apply

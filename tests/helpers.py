@@ -43,11 +43,3 @@ class PoisonedTorch:
 
     def empty_like(self, *args, **kwargs):
         return self._poison(torch.empty_like(*args, **kwargs))
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """``poisoned(module)`` makes ``module``'s allocations NaN-filled for the test."""
-    def apply(module):
-        monkeypatch.setattr(module, "torch", PoisonedTorch())
-    return apply

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, max_rel_err, poisoned, requires_cuda  # noqa: F401 (fixture)
+from helpers import RTOL, assert_close, max_rel_err, requires_cuda
 
 from vdm_fast import _ext, ops
 from vdm_fast.ops import loss as ops_loss
@@ -284,9 +284,13 @@ def test_all_loss_ops_pass_opcheck():
     ops_ = torch.ops.vdm_fast
     torch.library.opcheck(ops_.diffuse.default, (f.requires_grad_(), eps.requires_grad_(), gamma.requires_grad_()))
     torch.library.opcheck(ops_.diffuse_backward.default, (torch.randn(2, 6), f.detach(), eps.detach(), gamma.detach()))
-    torch.library.opcheck(ops_.sum_squared_error.default, (torch.randn(2, 6, requires_grad=True), eps.detach()))
-    torch.library.opcheck(ops_.sum_squared_error.default, (torch.randn(2, 6, requires_grad=True), None))
-    torch.library.opcheck(ops_.sum_squared_error_backward.default, (torch.randn(2), f.detach(), eps.detach()))
+    pred = torch.randn(2, 6, requires_grad=True)
+    a, c = torch.rand(2, requires_grad=True), torch.rand(2, requires_grad=True)
+    torch.library.opcheck(ops_.sum_squared_error.default, (pred, eps.detach(), None, None, None))
+    torch.library.opcheck(ops_.sum_squared_error.default, (pred, None, None, None, None))
+    torch.library.opcheck(ops_.sum_squared_error.default, (pred, eps.detach(), a, f.detach(), c))
+    torch.library.opcheck(ops_.sum_squared_error_backward.default,
+                          (torch.randn(2), f.detach(), eps.detach(), a.detach(), f.detach(), c.detach()))
 
 
 @needs_ext
@@ -335,9 +339,18 @@ def test_triton_diffuse_and_sse_match_reference(dtype, B, D, poisoned):
     for a, b in zip(triton_loss.diffuse_backward(go, f, eps, gamma), truth[1:]):
         assert_close(a, b, RTOL[dtype] * 10)
     assert_close(triton_loss.sse_forward(f, eps), ((f - eps) ** 2).sum(1), RTOL[dtype])
-    assert_close(triton_loss.sse_forward(f, None), (f**2).sum(1), RTOL[dtype])
+    assert_close(triton_loss.sse_forward(f), (f**2).sum(1), RTOL[dtype])
     gb = torch.randn(B, dtype=dtype)
-    assert_close(triton_loss.sse_backward(gb, f, eps), 2 * gb[:, None] * (f - eps), RTOL[dtype])
+    assert_close(triton_loss.sse_backward(gb, f, eps)[0], 2 * gb[:, None] * (f - eps), RTOL[dtype])
+    # With per-example coefficients: the residual x - a y - c w, and the coefficients' gradients.
+    a, c, w = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype), torch.randn(B, D, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (f, a, c)]
+    r = leaves[0] - leaves[1][:, None] * eps - leaves[2][:, None] * w
+    truth = r.square().sum(1)
+    grads = torch.autograd.grad(truth, leaves, gb)
+    assert_close(triton_loss.sse_forward(f, eps, a, w, c), truth, RTOL[dtype])
+    for got, want in zip(triton_loss.sse_backward(gb, f, eps, a, w, c), grads):
+        assert_close(got, want, RTOL[dtype] * 10)
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
@@ -347,7 +360,7 @@ def test_triton_sse_reads_low_precision_eps_hat(low, poisoned):
     eps_hat = (eps + 0.2 * torch.randn_like(eps)).to(low)
     expected = ((eps_hat.double() - eps.double()) ** 2).sum(1)
     assert_close(triton_loss.sse_forward(eps_hat, eps), expected, RTOL[torch.float32])
-    grad = triton_loss.sse_backward(torch.ones(2), eps_hat, eps)
+    grad = triton_loss.sse_backward(torch.ones(2), eps_hat, eps)[0]
     assert grad.dtype == low
     assert_close(grad, 2 * (eps_hat.double() - eps.double()), RTOL[low])
 

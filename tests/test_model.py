@@ -119,3 +119,79 @@ def test_bpd_evaluation_runs_without_grad_and_with_T():
     for T in (0, 5):
         bpd = model.bpd(x, T=T)
         assert bpd.shape == (2,) and not bpd.requires_grad and torch.isfinite(bpd).all()
+
+
+# --- the unified view at the model level: parameterisations, weightings, guidance ---------------
+
+from vdm_fast.reference import parameterization as param  # noqa: E402
+
+
+class _AsKind(torch.nn.Module):
+    """Turns an eps network into the equivalent network of another prediction kind."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, z, gamma, labels=None):
+        return param.from_eps(self.net(z, gamma), z, gamma, self.kind)
+
+
+def test_the_four_parameterisations_give_the_same_bound():
+    base = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0).double()
+    for p in base.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 17, (4, 1, 6, 6))
+    results = {}
+    for kind in param.PREDICTIONS:
+        model = vnn.VDM(_AsKind(base, kind), vnn.FixedLinearSchedule(), (1, 6, 6), vocab_size=17,
+                        prediction=kind).double().eval()
+        for T in (0, 10):
+            results[kind, T] = model(x, T=T, generator=torch.Generator().manual_seed(3)).bpd
+    for kind in param.PREDICTIONS:
+        for T in (0, 10):
+            assert_close(results[kind, T], results["eps", T], 1e-9, f"{kind}, T={T}")
+
+
+def test_weighted_objectives():
+    model = small_vdm("fixed").double().eval()
+    x = torch.randint(0, 17, (3, 1, 6, 6))
+
+    def run(weighting, **kw):
+        model.weighting, model.sigmoid_bias = weighting, kw.get("bias", 0.0)
+        return model(x, generator=torch.Generator().manual_seed(1))
+
+    elbo = run("elbo")
+    assert torch.equal(elbo.objective, elbo.bpd)  # w = 1 is the ELBO
+    nearly_one = run("sigmoid", bias=60.0)  # sigmoid(60 + gamma) = 1 to double precision here
+    assert_close(nearly_one.objective, elbo.bpd, 1e-12)
+    simple = run("eps_mse")
+    # The "simple" loss: the diffusion term becomes 0.5 ||eps - eps_hat||^2 = diffusion / gamma'.
+    expected = (simple.reconstruction + simple.prior + simple.diffusion / 18.3) / (36 * math.log(2))
+    assert_close(simple.objective, expected, 1e-12)
+    assert torch.equal(simple.bpd, elbo.bpd)  # the bound itself is unchanged
+
+
+def test_guidance_scale_zero_is_the_conditional_model():
+    net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0, num_classes=10)
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = vnn.VDM(net, vnn.FixedLinearSchedule(), (1, 6, 6), vocab_size=17, num_classes=10).eval()
+    z, gamma, labels = torch.randn(4, 1, 6, 6), torch.full((4,), -2.0), torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        eps_c, eps_u = net(z, gamma, labels), net(z, gamma, torch.full_like(labels, 10))
+        assert torch.equal(model._eps_hat(z, gamma, labels, 0.0), eps_c)
+        assert_close(model._eps_hat(z, gamma, labels, 2.0), 3.0 * eps_c - 2.0 * eps_u, 1e-6)
+    a = model.sample(4, T=3, generator=torch.Generator().manual_seed(0), labels=labels, guidance=0.0)
+    b = model.sample(4, T=3, generator=torch.Generator().manual_seed(0), labels=labels, guidance=0.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(net(z, gamma, labels), net(z, gamma, labels.flip(0)))  # labels matter
+    # Training drops labels to the null class; evaluation never does.
+    x = torch.randint(0, 17, (4, 1, 6, 6))
+    with pytest.raises(ValueError, match="needs labels"):
+        model(x)
+    with pytest.raises(ValueError, match="samples with labels"):
+        model.sample(2, T=2)
+    plain = small_vdm()
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, labels=labels)

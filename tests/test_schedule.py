@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, poisoned  # noqa: F401 (fixture)
+from helpers import RTOL, assert_close
 
 from vdm_fast import _ext, ops
 from vdm_fast import nn as vnn

@@ -244,3 +244,23 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert one["step"] == two["step"] == 6
     flat = [torch.cat([v.flatten() for v in s["model"].values()]) for s in (one, two)]
     assert ((flat[0] - flat[1]).norm() / flat[0].norm()).item() < 1e-4
+
+
+def test_conditional_training_with_other_targets_and_guided_sampling(tmp_path):
+    out = tmp_path / "cond"
+    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", *TINY, "--conditional",
+                                      "--guidance", "1.5", "--prediction", "v", "--weighting", "sigmoid"])
+    assert proc.returncode == 0, proc.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["objective"] != m["bpd"] for m in metrics)  # sigmoid weighting, not the ELBO
+    state = params(out)
+    assert state["num_classes"] == 10 and state["config"]["prediction"] == "v"
+    grid = tmp_path / "three.png"
+    sm = run_cli("vdm_fast.sample", ["--ckpt", str(out / "checkpoint.pt"), "--n", "3", "--T", "2", "--label", "3",
+                                     "--guidance", "2", "--out", str(grid)])
+    assert sm.returncode == 0 and grid.stat().st_size > 0, sm.stderr
+    arr = np.zeros((12, 4, 4, 1), np.uint8)
+    np.save(tmp_path / "unlabelled.npy", arr)
+    refused = run_cli("vdm_fast.train", ["--out-dir", str(tmp_path / "x"), "--data", "npy", "--data-dir",
+                                         str(tmp_path / "unlabelled.npy"), "--conditional", *TINY, "--batch-size", "4"])
+    assert refused.returncode != 0 and "labelled dataset" in refused.stderr

@@ -59,3 +59,25 @@ def has_cpu_kernels() -> bool:
 
 def has_cuda_kernels() -> bool:
     return _C is not None and hasattr(_C, "recon_forward_cuda")
+
+
+def fused_available(device, cuda_cpp: bool = False) -> bool:
+    """Whether an op's kernels serve ``device``; ``cuda_cpp``: the op also has CUDA C++ kernels
+    (else it runs Triton only on CUDA). Where not, the op runs its reference."""
+    if use_reference():
+        return False
+    if device.type == "cpu":
+        return has_cpu_kernels()
+    if device.type == "cuda":
+        return has_triton() or (cuda_cpp and has_cuda_kernels())
+    return False
+
+
+def prefer_cuda_cpp() -> bool:
+    """For an op with both kinds of CUDA kernels: run the CUDA C++ ones (asked for, or no triton)."""
+    return (cuda_impl() == "cuda" and has_cuda_kernels()) or not has_triton()
+
+
+def dtype_name(dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how the compiled kernels are told a dtype."""
+    return str(dtype).removeprefix("torch.")

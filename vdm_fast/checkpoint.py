@@ -16,13 +16,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not belong to this run."""
 
 
-def build_model(cfg: TrainConfig, image_shape, vocab_size: int) -> VDM:
-    """The VDM of a config: the official score U-Net on the chosen schedule."""
+def build_model(cfg: TrainConfig, image_shape, vocab_size: int, num_classes: int = 0) -> VDM:
+    """The VDM of a config: the official score U-Net on the chosen schedule (with
+    ``num_classes`` labels when ``cfg.conditional``)."""
+    classes = num_classes if cfg.conditional else 0
+    if cfg.conditional and classes < 1:
+        raise ValueError(f"--conditional needs a labelled dataset; {cfg.data} has no labels here")
     net = ScoreUNet(in_channels=image_shape[0], n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                     dropout=cfg.dropout, attention=cfg.attention, gamma_min=cfg.gamma_min,
-                    gamma_max=cfg.gamma_max)
+                    gamma_max=cfg.gamma_max, num_classes=classes)
     schedule = SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max)
-    return VDM(net, schedule, image_shape, vocab_size=vocab_size, antithetic=cfg.antithetic)
+    return VDM(net, schedule, image_shape, vocab_size=vocab_size, antithetic=cfg.antithetic,
+               prediction=cfg.prediction, weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
+               num_classes=classes, label_dropout=cfg.label_dropout)
 
 
 def save(path: Path, state: dict) -> None:
@@ -67,7 +73,7 @@ def model_from_checkpoint(path, use_ema: bool = True):
     """``(model, config, state)`` rebuilt from a checkpoint, with its EMA weights by default."""
     state = load(path)
     cfg = resolve(state["config"])
-    model = build_model(cfg, tuple(state["image_shape"]), state["vocab_size"])
+    model = build_model(cfg, tuple(state["image_shape"]), state["vocab_size"], state.get("num_classes", 0))
     model.load_state_dict(state["ema"] if use_ema else state["model"])
     return model, cfg, state
 

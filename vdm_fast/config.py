@@ -27,6 +27,12 @@ class TrainConfig:
     T: int = field(default=0, metadata={"help": "diffusion loss: 0 continuous time, else T steps"})
     antithetic: bool = field(default=True, metadata={"help": "antithetic (low-discrepancy) times"})
     ops: str = field(default="fused", metadata={"help": "fused | reference: the loss ops' backend"})
+    prediction: str = field(default="eps", metadata={"help": "network target: eps | x | v | score"})
+    weighting: str = field(default="elbo", metadata={"help": "training objective: elbo | sigmoid | eps_mse"})
+    sigmoid_bias: float = field(default=0.0, metadata={"help": "b of the sigmoid weighting sigmoid(b - lambda)"})
+    conditional: bool = field(default=False, metadata={"help": "class-conditional model (needs labels)"})
+    label_dropout: float = field(default=0.1, metadata={"help": "share of labels dropped (classifier-free)"})
+    guidance: float = field(default=0.0, metadata={"help": "guidance scale of the final samples"})
     # optimisation
     steps: Optional[int] = field(default=None, metadata={"help": "optimiser steps"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (split over processes)"})
@@ -64,10 +70,11 @@ DATASET_DEFAULTS = {
 }
 
 # Fields that fix the shapes of the parameters: a checkpoint is only resumable under the same.
-MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule")
+MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule", "prediction", "conditional")
 
 CHOICES = {"data": tuple(DATASET_DEFAULTS), "attention": ("middle", "all"),
            "schedule": ("fixed", "scalar", "nnet"), "ops": ("fused", "reference"),
+           "prediction": ("eps", "x", "v", "score"), "weighting": ("elbo", "sigmoid", "eps_mse"),
            "device": ("auto", "cpu", "cuda")}
 
 
@@ -132,6 +139,8 @@ def resolve(overrides: dict) -> TrainConfig:
     for name in ("steps", "batch_size", "n_embd", "log_every", "ckpt_every", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
     if cfg.data != "digits" and not cfg.data_dir:

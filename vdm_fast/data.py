@@ -30,6 +30,13 @@ class Dataset:
     def image_shape(self):
         return tuple(self.train.images.shape[1:])
 
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for unlabelled data)."""
+        if self.train.labels is None:
+            return 0
+        return int(max(self.train.labels.max(), self.test.labels.max())) + 1
+
 
 class DataError(ValueError):
     """A dataset is missing or not in the expected form; the message says what and where."""

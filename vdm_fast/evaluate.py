@@ -12,9 +12,10 @@ from vdm_fast.checkpoint import model_for_cli
 
 @torch.no_grad()
 def test_bpd(model, images: torch.Tensor, batch_size: int, T: int = 0, max_batches: int = 0,
-             device="cpu", seed: int = 0, progress: bool = False) -> float:
+             device="cpu", seed: int = 0, progress: bool = False, labels=None) -> float:
     """Mean bits per dim of ``images`` (one Monte-Carlo sample of the bound per image), with
-    the model in eval mode and a fixed seed, so two evaluations of one model agree."""
+    the model in eval mode and a fixed seed, so two evaluations of one model agree. A
+    conditional model needs the ``labels``: its bound is that of ``-log p(x | c)``."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device).manual_seed(seed)
@@ -23,8 +24,10 @@ def test_bpd(model, images: torch.Tensor, batch_size: int, T: int = 0, max_batch
         n_batches = min(n_batches, max_batches)
     total, count = 0.0, 0
     for i in tqdm(range(n_batches), desc=f"test bpd (T={T or 'continuous'})", disable=not progress, leave=False):
-        x = images[i * batch_size:(i + 1) * batch_size].to(device)
-        total += model(x, T=T, generator=generator).bpd.double().sum().item()
+        part = slice(i * batch_size, (i + 1) * batch_size)
+        x = images[part].to(device)
+        y = labels[part].to(device) if labels is not None else None
+        total += model(x, T=T, generator=generator, labels=y).bpd.double().sum().item()
         count += len(x)
     model.train(was_training)
     return total / count
@@ -45,7 +48,7 @@ def main(argv=None):
         raise SystemExit(f"error: {err} (pass --data-dir if the data moved)")
     model.to(args.device)
     bpd = test_bpd(model, ds.test.images, cfg.batch_size, T=args.T, max_batches=args.batches,
-                   device=args.device, progress=True)
+                   device=args.device, progress=True, labels=ds.test.labels if model.num_classes else None)
     baseline = datasets.histogram_bpd(ds.train.images, ds.test.images, ds.vocab_size)
     print(f"step {state['step']}: test bpd {bpd:.4f} (T={args.T or 'continuous'}, EMA weights); "
           f"per-pixel histogram baseline {baseline:.4f}")

@@ -33,12 +33,22 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--T", type=int, default=1000, help="ancestral sampling steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", type=int, default=-1,
+                        help="class of a conditional model (-1: cycle through the classes)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     model, _, _ = model_for_cli(args.ckpt)
     model.to(args.device).eval()
-    images = model.sample(args.n, args.T, generator=torch.Generator(args.device).manual_seed(args.seed))
+    labels = None
+    if model.num_classes:
+        if not -1 <= args.label <= model.num_classes:
+            raise SystemExit(f"error: --label must be in [-1, {model.num_classes}], got {args.label}")
+        labels = (torch.arange(args.n) % model.num_classes if args.label < 0
+                  else torch.full((args.n,), args.label)).to(args.device)
+    images = model.sample(args.n, args.T, generator=torch.Generator(args.device).manual_seed(args.seed),
+                          labels=labels, guidance=args.guidance)
     save_grid(images, model.vocab_size, args.out, scale=max(1, 128 // model.image_shape[-1]))
     print(f"wrote {args.n} samples (T={args.T}) to {args.out}")
 

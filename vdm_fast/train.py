@@ -189,7 +189,10 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
         raise SystemExit(f"error: {err}")
     shape = ds.image_shape
     torch.manual_seed(cfg.seed)
-    model = ckpt.build_model(cfg, shape, ds.vocab_size).to(device)
+    try:
+        model = ckpt.build_model(cfg, shape, ds.vocab_size, ds.num_classes).to(device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = [p.detach().clone() for p in model.parameters()]
@@ -222,7 +225,7 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
         return {
             "config": to_dict(cfg), "step": step, "skipped_steps": skipped,
             "model": model.state_dict(), "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
-            "image_shape": list(shape), "vocab_size": ds.vocab_size,
+            "image_shape": list(shape), "vocab_size": ds.vocab_size, "num_classes": model.num_classes,
             "data_position": dict(zip(("epoch", "batch"), sampler.position(step))),
             # Every random draw is a function of (seed, step, rank): this is the whole RNG state.
             "rng": {"seed": cfg.seed, "derived_from": "seed, step, rank"},
@@ -243,11 +246,13 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             torch.manual_seed(_mix(cfg.seed, step, job.rank, 2))  # dropout masks
-            x = ds.train.images[sampler.indices(step)].to(device)
+            idx = sampler.indices(step)
+            x = ds.train.images[idx].to(device)
+            labels = ds.train.labels[idx].to(device) if model.num_classes else None
             t, eps, eps_0 = _noise(cfg, step, shape, job.rank, sampler.local)
             with autocast:
-                terms = ddp(x, T=cfg.T, t=t, eps=eps.to(device), eps_0=eps_0.to(device))
-            loss = terms.bpd.mean()
+                terms = ddp(x, T=cfg.T, t=t, eps=eps.to(device), eps_0=eps_0.to(device), labels=labels)
+            loss = terms.objective.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere,
@@ -273,8 +278,8 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = job.mean(torch.stack([v.detach().float().mean() for v in terms]).cpu())
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "bpd": values[3].item(), "reconstruction": values[0].item(),
-                          "prior": values[1].item(), "diffusion": values[2].item(),
+                record = {"step": step, "bpd": values[3].item(), "objective": values[4].item(),
+                          "reconstruction": values[0].item(), "prior": values[1].item(), "diffusion": values[2].item(),
                           "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                           "images_per_s": window_images / elapsed, "skipped_steps": skipped}
                 window_start, window_images = time.perf_counter(), 0
@@ -307,19 +312,23 @@ def _final_report(cfg, model, ema, ds, device, out: Path) -> dict:
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)
-    report = {"test_bpd": test_bpd(model, ds.test.images, cfg.batch_size, max_batches=cfg.eval_batches,
-                                   device=device, seed=cfg.seed, progress=True),
+    def bpd(T):
+        return test_bpd(model, ds.test.images, cfg.batch_size, T=T, max_batches=cfg.eval_batches, device=device,
+                        seed=cfg.seed, progress=True, labels=ds.test.labels if model.num_classes else None)
+
+    report = {"test_bpd": bpd(0),
               "histogram_bpd": datasets.histogram_bpd(ds.train.images, ds.test.images, ds.vocab_size)}
     if cfg.eval_T:
-        report[f"test_bpd_T{cfg.eval_T}"] = test_bpd(model, ds.test.images, cfg.batch_size, T=cfg.eval_T,
-                                                     max_batches=cfg.eval_batches, device=device, seed=cfg.seed)
+        report[f"test_bpd_T{cfg.eval_T}"] = bpd(cfg.eval_T)
     lines = [f"test bpd (continuous time, EMA weights): {report['test_bpd']:.4f}"]
     if cfg.eval_T:
         lines.append(f"test bpd (T={cfg.eval_T}):                  {report[f'test_bpd_T{cfg.eval_T}']:.4f}")
     lines.append(f"per-pixel histogram baseline:            {report['histogram_bpd']:.4f}")
     if cfg.sample_n:
         model.eval()
-        images = model.sample(cfg.sample_n, cfg.sample_T, generator=torch.Generator(device).manual_seed(cfg.seed))
+        labels = torch.arange(cfg.sample_n, device=device) % model.num_classes if model.num_classes else None
+        images = model.sample(cfg.sample_n, cfg.sample_T, generator=torch.Generator(device).manual_seed(cfg.seed),
+                              labels=labels, guidance=cfg.guidance)
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
         lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}")
     (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -3,8 +3,8 @@
 from vdm_fast.nn.blocks import AttnBlock, GroupNormSiLU
 from vdm_fast.nn.schedule import SCHEDULES, FixedLinearSchedule, LearnedScalarSchedule, MonotoneNetSchedule
 from vdm_fast.nn.unet import ResnetBlock, ScoreUNet
-from vdm_fast.nn.vdm import VDM
+from vdm_fast.nn.vdm import VDM, VDMOutput
 from vdm_fast.ops.loss import VLBTerms
 
 __all__ = ["AttnBlock", "GroupNormSiLU", "SCHEDULES", "FixedLinearSchedule", "LearnedScalarSchedule",
-           "MonotoneNetSchedule", "ResnetBlock", "ScoreUNet", "VDM", "VLBTerms"]
+           "MonotoneNetSchedule", "ResnetBlock", "ScoreUNet", "VDM", "VDMOutput", "VLBTerms"]

@@ -47,11 +47,13 @@ class ScoreUNet(nn.Module):
         attention: ``"middle"`` (official) or ``"all"`` (also after every down/up block).
         gamma_min, gamma_max: the *configured* schedule endpoints that normalise the time input.
         fourier_features: concatenate ``sin/cos(2^k 2 pi z)``, ``k = 6, 7``, to the input.
+        num_classes: > 0 adds a label embedding (``num_classes + 1`` entries, the last one the
+            null class of classifier-free guidance) to the time conditioning.
     """
 
     def __init__(self, in_channels: int = 3, n_embd: int = 128, n_layer: int = 32, dropout: float = 0.1,
                  attention: str = "middle", gamma_min: float = -13.3, gamma_max: float = 5.0,
-                 fourier_features: bool = True):
+                 fourier_features: bool = True, num_classes: int = 0):
         super().__init__()
         if attention not in ("middle", "all"):
             raise ValueError(f"attention must be 'middle' or 'all', got {attention!r}")
@@ -67,6 +69,8 @@ class ScoreUNet(nn.Module):
         # The official time input also carries a scalar "conditioning" (zero when unconditional).
         self.dense0 = dense(n_embd + 1, cond_dim)
         self.dense1 = dense(cond_dim, cond_dim)
+        self.num_classes = num_classes
+        self.label_embedding = nn.Embedding(num_classes + 1, cond_dim) if num_classes else None
         in_features = in_channels * (5 if fourier_features else 1)  # z + sin/cos at 2 frequencies
         self.conv_in = conv3x3(in_features, n_embd)
 
@@ -81,7 +85,7 @@ class ScoreUNet(nn.Module):
         self.norm_out = GroupNormSiLU(n_embd)
         self.conv_out = conv3x3(n_embd, in_channels, zero=True)
 
-    def forward(self, z: Tensor, gamma_t: Tensor, conditioning: Optional[Tensor] = None) -> Tensor:
+    def forward(self, z: Tensor, gamma_t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if z.dim() != 4 or z.shape[1] != self.in_channels:
             raise ValueError(f"z must be [B, {self.in_channels}, H, W], got {tuple(z.shape)}")
         B = z.shape[0]
@@ -89,10 +93,13 @@ class ScoreUNet(nn.Module):
             raise ValueError(f"gamma_t must have shape ({B},), got {tuple(gamma_t.shape)}")
         t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
         temb = timestep_embedding(1000.0 * t.to(z.dtype), self.n_embd)
-        if conditioning is None:
-            conditioning = torch.zeros(B, device=z.device, dtype=z.dtype)
-        cond = torch.cat([temb, conditioning.to(z.dtype)[:, None]], dim=1)
+        # The official scalar "conditioning" input, always zero (labels enter below instead).
+        cond = torch.cat([temb, torch.zeros(B, 1, device=z.device, dtype=z.dtype)], dim=1)
         cond = F.silu(self.dense1(F.silu(self.dense0(cond))))
+        if self.label_embedding is not None:
+            if labels is None:
+                raise ValueError("this ScoreUNet is class-conditional: pass labels (num_classes = no class)")
+            cond = cond + self.label_embedding(labels)
 
         h = torch.cat([z, fourier_features(z)], dim=1) if self.fourier_features else z
         hs = [self.conv_in(h)]

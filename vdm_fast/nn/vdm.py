@@ -1,37 +1,88 @@
-"""The VDM model: a noise schedule and a score network, trained on the variational bound."""
+"""The VDM model: a noise schedule and a score network, trained on the variational bound (or
+a weighted objective), optionally class-conditional with classifier-free guidance."""
 
-from typing import Optional, Sequence
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vdm_fast import ops
 from vdm_fast.ops import _checks
-from vdm_fast.ops.loss import VLBTerms
-from vdm_fast.reference.loss import alpha_sigma, ancestral_step, decode, discretize_time, encode
+from vdm_fast.reference.loss import alpha_sigma, ancestral_step, decode, diffusion_weight, discretize_time, encode
+from vdm_fast.reference.parameterization import PREDICTIONS, to_eps
 from vdm_fast.reference.schedule import antithetic_times
+
+WEIGHTINGS = ("elbo", "sigmoid", "eps_mse")
+
+
+class VDMOutput(NamedTuple):
+    """Per example: the bound's terms in nats and its total in bits per dim, and the training
+    objective in bits per dim (the bound itself under the ``"elbo"`` weighting)."""
+
+    reconstruction: Tensor
+    prior: Tensor
+    diffusion: Tensor
+    bpd: Tensor
+    objective: Tensor
 
 
 class VDM(nn.Module):
     """A Variational Diffusion Model over integer images ``[B, C, H, W]`` in ``[0, vocab_size)``.
 
     Args:
-        score_net: ``eps_hat = score_net(z_t, gamma_t)``, e.g. ``vdm_fast.nn.ScoreUNet``.
+        score_net: ``pred = score_net(z_t, gamma_t[, labels])``, e.g. ``vdm_fast.nn.ScoreUNet``.
         schedule: ``(gamma, gamma') = schedule(t)``, e.g. ``vdm_fast.nn.LearnedScalarSchedule``.
         image_shape: ``(C, H, W)`` of the data, used by ``sample``.
         vocab_size: number of intensity levels (256 for 8-bit images).
         antithetic: draw training times as ``(u + i / B) mod 1`` (lower variance).
+        prediction: what the network predicts: ``"eps"``, ``"x"``, ``"v"`` or ``"score"``.
+        weighting: the training objective over log-SNR (Kingma and Gao 2023): ``"elbo"``
+            (w = 1), ``"sigmoid"`` (w = sigmoid(sigmoid_bias - lambda)) or ``"eps_mse"``
+            (the "simple" loss). The bound (``bpd``) stays the evaluation metric.
+        num_classes: > 0 for a class-conditional model (the score net must take labels);
+            ``label_dropout`` of the training labels are replaced by the null class
+            ``num_classes``, so one network learns both p(x | c) and p(x).
     """
 
     def __init__(self, score_net: nn.Module, schedule: nn.Module, image_shape: Sequence[int],
-                 vocab_size: int = 256, antithetic: bool = True):
+                 vocab_size: int = 256, antithetic: bool = True, prediction: str = "eps",
+                 weighting: str = "elbo", sigmoid_bias: float = 0.0, num_classes: int = 0,
+                 label_dropout: float = 0.1):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         _checks.finite_number("vocab_size", vocab_size, positive=True, integer=True)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.score_net, self.schedule = score_net, schedule
         self.image_shape = tuple(int(s) for s in image_shape)
         self.vocab_size, self.antithetic = vocab_size, antithetic
+        self.prediction, self.weighting, self.sigmoid_bias = prediction, weighting, float(sigmoid_bias)
+        self.num_classes, self.label_dropout = int(num_classes), float(label_dropout)
+
+    def _net(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor]) -> Tensor:
+        return self.score_net(z, gamma) if self.num_classes == 0 else self.score_net(z, gamma, labels)
+
+    def _labels(self, labels: Optional[Tensor], B: int, device, generator) -> Optional[Tensor]:
+        """Training labels with ``label_dropout`` of them replaced by the null class."""
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional model (num_classes = 0)")
+            return None
+        if labels is None or labels.shape != (B,):
+            raise ValueError(f"a class-conditional model needs labels of shape ({B},)")
+        if labels.min() < 0 or labels.max() > self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: no class)")
+        labels = labels.to(device)
+        if self.training and self.label_dropout > 0:
+            drop = torch.rand(B, generator=generator, device=device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return labels
 
     @property
     def dtype(self) -> torch.dtype:
@@ -46,12 +97,13 @@ class VDM(nn.Module):
 
     def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None, *,
                 t: Optional[Tensor] = None, eps: Optional[Tensor] = None,
-                eps_0: Optional[Tensor] = None) -> VLBTerms:
+                eps_0: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> VDMOutput:
         """One Monte-Carlo estimate of the bound's terms for each image of ``x``.
 
         ``T = 0``: continuous-time diffusion loss; ``T > 0``: the T-step discrete-time loss.
         The times ``t [B]`` and noises ``eps``, ``eps_0`` (shape of ``x``) are drawn from
         ``generator`` unless given (a data-parallel trainer slices them from a global draw).
+        ``labels``: class indices ``[B]`` of a conditional model (``num_classes`` = none).
         """
         _checks.finite_number("T", T, integer=True)
         if T < 0:
@@ -78,9 +130,15 @@ class VDM(nn.Module):
             return given.to(device, dtype)
 
         eps = noise(eps)
-        eps_hat = self.score_net(ops.diffuse(f, eps, gamma_t), gamma_t)
-        return ops.vlb_terms(x, eps, eps_hat, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
-                             gamma_s=gamma[B:2 * B] if T else None, T=T, vocab_size=self.vocab_size)
+        labels = self._labels(labels, B, device, generator)
+        pred = self._net(ops.diffuse(f, eps, gamma_t), gamma_t, labels)
+        gamma_s = gamma[B:2 * B] if T else None
+        terms = ops.vlb_terms(x, eps, pred, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
+                              gamma_s=gamma_s, T=T, vocab_size=self.vocab_size, prediction=self.prediction)
+        weight = diffusion_weight(self.weighting, gamma_t, dgamma_dt, gamma_s, T, self.sigmoid_bias)
+        objective = terms.bpd if self.weighting == "elbo" else \
+            (terms.reconstruction + terms.prior + weight * terms.diffusion) / (math.prod(self.image_shape) * math.log(2.0))
+        return VDMOutput(*terms, objective)
 
     @torch.no_grad()
     def bpd(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -90,21 +148,40 @@ class VDM(nn.Module):
         """
         return self(x, T, generator).bpd
 
+    def _eps_hat(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor], guidance: float) -> Tensor:
+        """The noise prediction, guided: ``(1 + w) eps(z, c) - w eps(z)`` (classifier-free)."""
+        eps_c = to_eps(self._net(z, gamma, labels), z, gamma, self.prediction)
+        if labels is None or guidance == 0.0:
+            return eps_c
+        null = torch.full_like(labels, self.num_classes)
+        eps_u = to_eps(self._net(z, gamma, null), z, gamma, self.prediction)
+        return (1.0 + guidance) * eps_c - guidance * eps_u
+
     @torch.no_grad()
     def sample(self, n: int, T: int, generator: Optional[torch.Generator] = None,
-               device=None, sample_x: bool = False) -> Tensor:
+               device=None, sample_x: bool = False, labels: Optional[Tensor] = None,
+               guidance: float = 0.0) -> Tensor:
         """``n`` images (int64 ``[n, C, H, W]``) by ancestral sampling with ``T`` steps from
-        ``z_1 ~ N(0, I)``, decoded at ``z_0`` by argmax (or sampled, ``sample_x=True``)."""
+        ``z_1 ~ N(0, I)``, decoded at ``z_0`` by argmax (or sampled, ``sample_x=True``).
+
+        A conditional model takes ``labels [n]`` (``num_classes``: unconditional) and a
+        classifier-free ``guidance`` scale w >= 0 (0: the plain conditional model)."""
         _checks.finite_number("n", n, positive=True, integer=True)
         _checks.finite_number("T", T, positive=True, integer=True)
+        _checks.finite_number("guidance", guidance)
+        if self.num_classes and (labels is None or labels.shape != (n,)):
+            raise ValueError(f"a class-conditional model samples with labels of shape ({n},)")
+        if not self.num_classes and labels is not None:
+            raise ValueError("labels given to an unconditional model (num_classes = 0)")
         device = device if device is not None else next(self.parameters()).device
         z = torch.randn((n, *self.image_shape), generator=generator, device=device, dtype=self.dtype)
         grid = torch.arange(T, -1, -1, device=device, dtype=self.dtype) / T  # 1, ..., 1/T, 0
         gammas, _ = self.schedule(grid)
         gammas = gammas.detach()
+        labels = None if labels is None else labels.to(device)
         for i in range(T):
             gamma_t, gamma_s = gammas[i].expand(n), gammas[i + 1].expand(n)
-            eps_hat = self.score_net(z, gamma_t)
+            eps_hat = self._eps_hat(z, gamma_t, labels, guidance)
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
             z = ancestral_step(z, eps_hat, gamma_t, gamma_s, noise)
         gamma_0 = gammas[T].expand(n)

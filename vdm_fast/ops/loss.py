@@ -5,8 +5,9 @@ Triton CUDA kernels (``vdm_fast.kernels.loss``), a fake for ``torch.compile`` an
 formula whose backward is one more custom op:
 
 - ``vdm_fast::diffuse``: the forward process ``z_t = alpha_t f + sigma_t eps``;
-- ``vdm_fast::sum_squared_error``: ``sum_d (x - y)^2`` per example, the body of the diffusion
-  losses (any float dtypes, accumulated in float32) and of the prior loss (``y`` absent);
+- ``vdm_fast::sum_squared_error``: ``sum_d (x - a y - c w)^2`` per example (``a``, ``c``: per-
+  example coefficients): the body of the diffusion losses for eps, x, v and score predictions
+  (any float dtypes, accumulated in float32) and of the prior loss (``y``, ``w`` absent);
 - ``vdm_fast::reconstruction_loss``: the decoder's log-softmax over the vocabulary computed on
   the fly, forward and backward; the ``[B, D, vocab]`` logits are never materialised.
 
@@ -24,6 +25,8 @@ from torch import Tensor
 from vdm_fast import _ext
 from vdm_fast.ops import _checks
 from vdm_fast.reference import loss as ref
+from vdm_fast.reference import parameterization as param
+from vdm_fast.reference.parameterization import PREDICTIONS
 
 # Element dtypes the kernels read x in directly; other dtypes are converted first.
 _X_KERNEL_DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
@@ -34,8 +37,7 @@ def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+_name = _ext.dtype_name
 
 
 def _addr(t: Optional[Tensor]) -> int:
@@ -46,21 +48,6 @@ def _triton():
     from vdm_fast.kernels import loss  # imported on first CUDA use: triton is slow to import
 
     return loss
-
-
-def _fused(device: torch.device) -> bool:
-    """Whether a kernel serves this device (else the op runs the reference)."""
-    if _ext.use_reference():
-        return False
-    if device.type == "cpu":
-        return _ext.has_cpu_kernels()
-    if device.type == "cuda":
-        return _ext.has_triton() or _ext.has_cuda_kernels()
-    return False
-
-
-def _use_cuda_cpp() -> bool:
-    return (_ext.cuda_impl() == "cuda" and _ext.has_cuda_kernels()) or not _ext.has_triton()
 
 
 # --- vdm_fast::diffuse ------------------------------------------------------------------------
@@ -110,47 +97,59 @@ _diffuse.register_autograd(_diffuse_grad, setup_context=_diffuse_setup)
 
 
 # --- vdm_fast::sum_squared_error ----------------------------------------------------------------
+# sum_d (x - a y - c w)^2 per example: x a prediction, the target a per-example combination of
+# y and w (a, c: [B], absent = 1; y, w absent = no term). Covers the eps, x, v and score losses
+# (vdm_fast.reference.parameterization) and the prior's sum of squares in one pass.
 
 def _cpu_operand(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """The C++ kernels read float32/float64 only: low-precision CPU inputs are widened first."""
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 @torch.library.custom_op("vdm_fast::sum_squared_error", mutates_args=())
-def _sse(x: Tensor, y: Optional[Tensor]) -> Tensor:
-    dtype = _compute_dtype(x, y)
+def _sse(x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
+         c: Optional[Tensor]) -> Tensor:
+    dtype = _compute_dtype(x, y, w)
     if x.is_cuda:
-        y = None if y is None else y.contiguous()
-        return _triton().sse_forward(x.contiguous(), y).to(dtype)
-    x, y = _cpu_operand(x, dtype), _cpu_operand(y, dtype)
+        return _triton().sse_forward(*_contiguous(x, y, a, w, c)).to(dtype)
+    x, y, a, w, c = (_cpu_operand(t, dtype) for t in (x, y, a, w, c))
     out = torch.empty(x.shape[0], dtype=dtype)
-    _ext._C.sse_forward_cpu(x.data_ptr(), _addr(y), out.data_ptr(), *x.shape, _name(dtype))
+    _ext._C.sse_forward_cpu(x.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), out.data_ptr(), *x.shape,
+                            _name(dtype))
     return out
 
 
 @_sse.register_fake
-def _(x, y):
-    return x.new_empty(x.shape[0], dtype=_compute_dtype(x, y))
+def _(x, y, a, w, c):
+    return x.new_empty(x.shape[0], dtype=_compute_dtype(x, y, w))
 
 
 @torch.library.custom_op("vdm_fast::sum_squared_error_backward", mutates_args=())
-def _sse_backward(grad: Tensor, x: Tensor, y: Optional[Tensor]) -> Tensor:
-    """``d/dx = 2 grad (x - y)``, in ``x``'s dtype (``d/dy`` is its negative)."""
-    dtype = _compute_dtype(x, y)
+def _sse_backward(grad: Tensor, x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
+                  c: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``d/dx = 2 grad r`` (in ``x``'s dtype; ``d/dy = -a d/dx``, ``d/dw = -c d/dx``) and the
+    per-example ``d/da = -sum d/dx y``, ``d/dc = -sum d/dx w`` (zero where absent)."""
+    dtype = _compute_dtype(x, y, w)
     if x.is_cuda:
-        y = None if y is None else y.contiguous()
-        return _triton().sse_backward(grad.contiguous(), x.contiguous(), y)
+        grad_x, grad_a, grad_c = _triton().sse_backward(*_contiguous(grad, x, y, a, w, c))
+        return grad_x, grad_a.to(dtype), grad_c.to(dtype)
     # Named, not inline: a temporary copy would be freed before the kernel reads its address.
-    grad, x_in, y = _cpu_operand(grad, dtype), _cpu_operand(x, dtype), _cpu_operand(y, dtype)
+    grad, x_in, y, a, w, c = (_cpu_operand(t, dtype) for t in (grad, x, y, a, w, c))
     grad_x = torch.empty_like(x_in)
-    _ext._C.sse_backward_cpu(grad.data_ptr(), x_in.data_ptr(), _addr(y), grad_x.data_ptr(),
-                             *x_in.shape, _name(dtype))
-    return grad_x.to(x.dtype)
+    grad_a, grad_c = torch.empty_like(grad), torch.empty_like(grad)
+    _ext._C.sse_backward_cpu(grad.data_ptr(), x_in.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c),
+                             grad_x.data_ptr(), grad_a.data_ptr(), grad_c.data_ptr(), *x_in.shape, _name(dtype))
+    return grad_x.to(x.dtype), grad_a, grad_c
 
 
 @_sse_backward.register_fake
-def _(grad, x, y):
-    return torch.empty_like(x)
+def _(grad, x, y, a, w, c):
+    dtype = _compute_dtype(x, y, w)
+    return torch.empty_like(x), grad.new_empty(x.shape[0], dtype=dtype), grad.new_empty(x.shape[0], dtype=dtype)
 
 
 def _sse_setup(ctx, inputs, output):
@@ -158,10 +157,19 @@ def _sse_setup(ctx, inputs, output):
 
 
 def _sse_grad(ctx, grad):
-    x, y = ctx.saved_tensors
-    grad_x = _sse_backward(grad, x, y)
-    grad_y = -grad_x.to(y.dtype) if y is not None and ctx.needs_input_grad[1] else None
-    return grad_x, grad_y
+    x, y, a, w, c = ctx.saved_tensors
+    grad_x, grad_a, grad_c = _sse_backward(grad, x, y, a, w, c)
+    needs = ctx.needs_input_grad
+
+    def term(t, coef):  # the gradient of y (or w): -coef * grad_x, in t's dtype
+        scale = 1.0 if coef is None else coef.reshape(-1, *[1] * (grad_x.dim() - 1)).to(grad_x.dtype)
+        return (-scale * grad_x).to(t.dtype)
+
+    return (grad_x,
+            term(y, a) if y is not None and needs[1] else None,
+            grad_a.to(a.dtype) if a is not None and needs[2] else None,
+            term(w, c) if w is not None and needs[3] else None,
+            grad_c.to(c.dtype) if c is not None and needs[4] else None)
 
 
 _sse.register_autograd(_sse_grad, setup_context=_sse_setup)
@@ -184,7 +192,7 @@ def _launch_recon(kind: str, x: Tensor, eps_0: Tensor, gamma_0: Tensor, *buffers
 @torch.library.custom_op("vdm_fast::reconstruction_loss", mutates_args=())
 def _reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
     x, eps_0, gamma_0 = x.contiguous(), eps_0.contiguous(), gamma_0.contiguous()
-    if eps_0.is_cuda and not _use_cuda_cpp():
+    if eps_0.is_cuda and not _ext.prefer_cuda_cpp():
         return _triton().recon_forward(x, eps_0, gamma_0, vocab_size)
     out = torch.empty(eps_0.shape[0], dtype=eps_0.dtype, device=eps_0.device)
     _launch_recon("forward", x, eps_0, gamma_0, out.data_ptr(), vocab_size=vocab_size)
@@ -201,7 +209,7 @@ def _reconstruction_loss_backward(grad: Tensor, x: Tensor, eps_0: Tensor, gamma_
                                   vocab_size: int) -> tuple[Tensor, Tensor]:
     grad, x = grad.contiguous(), x.contiguous()
     eps_0, gamma_0 = eps_0.contiguous(), gamma_0.contiguous()
-    if eps_0.is_cuda and not _use_cuda_cpp():
+    if eps_0.is_cuda and not _ext.prefer_cuda_cpp():
         return _triton().recon_backward(grad, x, eps_0, gamma_0, vocab_size)
     grad_eps, grad_gamma = torch.empty_like(eps_0), torch.empty_like(gamma_0)
     _launch_recon("backward", x, eps_0, gamma_0, grad.data_ptr(), grad_eps.data_ptr(),
@@ -244,18 +252,24 @@ def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     _checks.per_example("gamma", gamma, B, "f", f)
     dtype = _compute_dtype(f, eps, gamma)
     f, eps, gamma = f.to(dtype), eps.to(dtype), gamma.to(dtype)
-    if not _fused(f.device):
+    if not _ext.fused_available(f.device):
         return ref.diffuse(f, eps, gamma)
     return _diffuse(f.reshape(B, -1), eps.reshape(B, -1), gamma).reshape(f.shape)
 
 
-def _sum_squared_error(x: Tensor, y: Optional[Tensor]) -> Tensor:
+def _sum_squared_error(x: Tensor, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
+                       w: Optional[Tensor] = None, c: Optional[Tensor] = None) -> Tensor:
+    """``sum_d (x - a y - c w)^2`` per example (see ``vdm_fast::sum_squared_error``)."""
     B = x.shape[0]
-    if not _fused(x.device):
-        dtype = _compute_dtype(x, y)
-        d = x.to(dtype) if y is None else x.to(dtype) - y.to(dtype)
-        return d.reshape(B, -1).square().sum(1)
-    return _sse(x.reshape(B, -1), None if y is None else y.reshape(B, -1))
+    flat = [None if t is None else t.reshape(B, -1) for t in (x, y, w)]
+    if not _ext.fused_available(x.device):
+        dtype = _compute_dtype(x, y, w)
+        r = flat[0].to(dtype)
+        for t, coef in ((flat[1], a), (flat[2], c)):
+            if t is not None:
+                r = r - (1.0 if coef is None else coef.to(dtype)[:, None]) * t.to(dtype)
+        return r.square().sum(1)
+    return _sse(flat[0], flat[1], a, flat[2], c)
 
 
 def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
@@ -267,27 +281,58 @@ def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
     return B
 
 
-def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor) -> Tensor:
+def _prediction_error(eps: Tensor, pred: Tensor, prediction: str, x: Optional[Tensor],
+                      gamma_t: Optional[Tensor]) -> Tensor:
+    """``||eps - eps_hat||^2`` per example for a ``prediction`` of kind eps, x, v or score, as
+    ``s^2 ||target - pred||^2`` with the target a per-example combination of ``eps`` and ``x``
+    (``vdm_fast.reference.parameterization.target_terms``): one fused pass, no conversion."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction == "eps":
+        return _sum_squared_error(pred, eps)
+    B = eps.shape[0]
+    if gamma_t is None:
+        raise ValueError(f"gamma_t is required for prediction={prediction!r}")
+    _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
+    if prediction in ("x", "v"):
+        if x is None:
+            raise ValueError(f"x (the encoded data) is required for prediction={prediction!r}")
+        _checks.tensor("x", x, floating=True)
+        _checks.same_shape("x", x, "eps", eps)
+    dtype = _compute_dtype(eps)
+    a, c, s2 = param.target_terms(prediction, gamma_t.to(dtype))
+    if prediction == "x":  # the target is x itself: no coefficient to carry
+        return s2 * _sum_squared_error(pred, x)
+    return s2 * _sum_squared_error(pred, eps, a, x if c is not None else None, c)
+
+
+def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, prediction: str = "eps",
+                   x: Optional[Tensor] = None, gamma_t: Optional[Tensor] = None) -> Tensor:
     """Continuous-time diffusion loss ``0.5 gamma'(t) ||eps - eps_hat||^2`` per example ``[B]``.
 
-    ``eps_hat`` may be float32, bfloat16 or float16; the sum accumulates in float32 (float64
-    for float64 inputs).
+    ``eps_hat`` is the network's output, a prediction of ``prediction`` kind: ``"eps"``
+    (default), ``"x"``, ``"v"`` or ``"score"``; the other kinds need ``gamma_t`` and, for x and v,
+    ``x`` (the encoded data). The loss is the same for equivalent predictions. Low-precision
+    predictions (bf16, fp16) are read as they are; sums accumulate in float32 (float64 for
+    float64 ``eps``).
     """
     B = _noise_pair(eps, eps_hat)
     _checks.per_example("dgamma_dt", dgamma_dt, B, "eps", eps)
-    return 0.5 * dgamma_dt.to(_compute_dtype(eps)) * _sum_squared_error(eps_hat, eps)
+    error = _prediction_error(eps, eps_hat, prediction, x, gamma_t)
+    return 0.5 * dgamma_dt.to(_compute_dtype(eps)) * error
 
 
 def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tensor,
-                            T: int) -> Tensor:
-    """T-step diffusion loss ``0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2`` per example."""
+                            T: int, *, prediction: str = "eps", x: Optional[Tensor] = None) -> Tensor:
+    """T-step diffusion loss ``0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2`` per example
+    (``prediction`` and ``x`` as in ``diffusion_loss``)."""
     _checks.finite_number("T", T, positive=True, integer=True)
     B = _noise_pair(eps, eps_hat)
     _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
     _checks.per_example("gamma_s", gamma_s, B, "eps", eps)
     dtype = _compute_dtype(eps)
     weight = 0.5 * T * torch.expm1(gamma_t.to(dtype) - gamma_s.to(dtype))
-    return weight * _sum_squared_error(eps_hat, eps)
+    return weight * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
 
 def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
@@ -301,7 +346,7 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     _checks.per_example("gamma_1", gamma_1, B, "f", f)
     g = gamma_1.to(_compute_dtype(f))
     dims = f[0].numel()
-    return 0.5 * torch.sigmoid(-g) * _sum_squared_error(f, None) + \
+    return 0.5 * torch.sigmoid(-g) * _sum_squared_error(f) + \
         0.5 * dims * (torch.sigmoid(g) - F.logsigmoid(g) - 1.0)
 
 
@@ -324,7 +369,7 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
 
     dtype = _compute_dtype(eps_0)
     eps_0, gamma_0 = eps_0.to(dtype), gamma_0.to(dtype)
-    if not _fused(eps_0.device):
+    if not _ext.fused_available(eps_0.device, cuda_cpp=True):
         return ref.reconstruction_loss(x, eps_0, gamma_0, vocab_size)
     if x.dtype not in _X_KERNEL_DTYPES:
         x = x.to(torch.float32 if x.is_floating_point() else torch.int32)
@@ -342,26 +387,28 @@ class VLBTerms(NamedTuple):
 
 def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: Tensor,
               gamma_0: Tensor, gamma_1: Tensor, *, dgamma_dt: Optional[Tensor] = None,
-              gamma_s: Optional[Tensor] = None, T: int = 0, vocab_size: int = 256) -> VLBTerms:
+              gamma_s: Optional[Tensor] = None, T: int = 0, vocab_size: int = 256,
+              prediction: str = "eps") -> VLBTerms:
     """The three terms of the bound and bits per dim, per example, from a trainer's tensors.
 
     ``x``: integer images ``[B, ...]``; ``eps``: the noise that made ``z_t``; ``eps_hat``: the
     model's prediction; ``eps_0``: fresh noise for the reconstruction term; ``gamma_t``,
     ``gamma_0``, ``gamma_1``: ``[B]``. Continuous time (``T = 0``) needs ``dgamma_dt``; ``T``
-    steps need ``gamma_s``.
+    steps need ``gamma_s``. ``eps_hat`` may be an x, v or score prediction (``prediction``).
     """
     _checks.finite_number("T", T, integer=True)
     if T < 0:
         raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
+    f = ref.encode(x, vocab_size, _compute_dtype(eps))
     if T == 0:
         if dgamma_dt is None:
             raise ValueError("dgamma_dt is required for the continuous-time loss (T = 0)")
-        diffusion = diffusion_loss(eps, eps_hat, dgamma_dt)
+        diffusion = diffusion_loss(eps, eps_hat, dgamma_dt, prediction=prediction, x=f, gamma_t=gamma_t)
     else:
         if gamma_s is None:
             raise ValueError(f"gamma_s is required for the T-step loss (T = {T})")
-        diffusion = diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, T)
+        diffusion = diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=f)
     reconstruction = reconstruction_loss(x, eps_0, gamma_0, vocab_size)
-    prior = prior_loss(ref.encode(x, vocab_size, _compute_dtype(eps)), gamma_1)
+    prior = prior_loss(f, gamma_1)
     bpd = (reconstruction + prior + diffusion) / (x[0].numel() * math.log(2.0))
     return VLBTerms(reconstruction, prior, diffusion, bpd)

@@ -24,20 +24,7 @@ def _triton():
     return schedule
 
 
-def _use_cuda_cpp() -> bool:
-    return (_ext.cuda_impl() == "cuda" and _ext.has_cuda_kernels()) or not _ext.has_triton()
-
-
-def _fused(device: torch.device) -> bool:
-    if _ext.use_reference():
-        return False
-    if device.type == "cpu":
-        return _ext.has_cpu_kernels()
-    return device.type == "cuda" and (_ext.has_triton() or _ext.has_cuda_kernels())
-
-
-def _name(t: Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+_name = _ext.dtype_name
 
 
 def _stream(t: Tensor) -> int:
@@ -47,10 +34,10 @@ def _stream(t: Tensor) -> int:
 @torch.library.custom_op("vdm_fast::gamma_nnet", mutates_args=())
 def _gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
     t, w1, b1, w2, b2, w3 = (x.contiguous() for x in (t, w1, b1, w2, b2, w3))
-    if t.is_cuda and not _use_cuda_cpp():
+    if t.is_cuda and not _ext.prefer_cuda_cpp():
         return _triton().nnet_forward(t, w1, b1, w2, b2, w3)
     gamma, dgamma = torch.empty_like(t), torch.empty_like(t)
-    args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], _name(t)]
+    args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], _name(t.dtype)]
     if t.is_cuda:
         _ext._C.nnet_forward_cuda(*args, _stream(t))
     else:
@@ -67,15 +54,15 @@ def _(t, w1, b1, w2, b2, w3):
 def _gamma_nnet_backward(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
                          grad_gamma: Tensor, grad_dgamma: Tensor) -> list[Tensor]:
     inputs = [x.contiguous() for x in (t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma)]
-    if t.is_cuda and not _use_cuda_cpp():
+    if t.is_cuda and not _ext.prefer_cuda_cpp():
         return list(_triton().nnet_backward(*inputs))
     grads = [torch.empty_like(x) for x in inputs[:6]]
     args = [x.data_ptr() for x in inputs + grads] + [t.shape[0], w2.shape[0]]
     if t.is_cuda:
         workspace = torch.zeros(_ext._C.nnet_backward_cuda_workspace(*args[-2:]), dtype=torch.uint8, device=t.device)
-        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t), _stream(t))
+        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t.dtype), _stream(t))
     else:
-        _ext._C.nnet_backward_cpu(*args, _name(t))
+        _ext._C.nnet_backward_cpu(*args, _name(t.dtype))
     return grads
 
 
@@ -132,7 +119,7 @@ def gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Te
     float64. Gradients flow to ``t`` and every parameter from either output.
     """
     _check_params(t, w1, b1, w2, b2, w3)
-    if not _fused(t.device):
+    if not _ext.fused_available(t.device, cuda_cpp=True):
         return ref.nnet(t, w1, b1, w2, b2, w3)
     return _gamma_nnet(t, w1, b1, w2, b2, w3)
 

@@ -108,3 +108,19 @@ def ancestral_step(z_t: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tenso
     alpha_s, sigma_s = alpha_sigma(g_s)
     mean = (alpha_s / alpha_t) * (z_t - sigma_t * c * eps_hat.to(z_t.dtype))
     return mean + torch.sqrt(sigma_s**2 * c) * noise
+
+
+def diffusion_weight(weighting: str, gamma_t: Tensor, dgamma_dt: Tensor, gamma_s: Tensor = None,
+                     T: int = 0, sigmoid_bias: float = 0.0) -> Tensor:
+    """Per-example factor ``w(lambda_t)`` on the bound's diffusion term (``lambda = -gamma``),
+    Kingma and Gao 2023: ``"elbo"``: 1; ``"sigmoid"``: ``sigmoid(sigmoid_bias - lambda)``;
+    ``"eps_mse"``: whatever turns the term into ``0.5 ||eps - eps_hat||^2`` (the "simple" loss),
+    i.e. ``1 / gamma'`` in continuous time and ``1 / (T expm1(gamma_t - gamma_s))`` with T steps.
+    """
+    if weighting == "elbo":
+        return torch.ones_like(gamma_t)
+    if weighting == "sigmoid":
+        return torch.sigmoid(sigmoid_bias + gamma_t)
+    if weighting == "eps_mse":
+        return 1.0 / (T * torch.expm1(gamma_t - gamma_s)) if T else 1.0 / dgamma_dt
+    raise ValueError(f"weighting must be 'elbo', 'sigmoid' or 'eps_mse', got {weighting!r}")
