@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from vdm_fast.reference.attention import attention_block
-from vdm_fast.reference.norm import group_norm_silu
+from vdm_fast.ops.norm import group_norm_silu
 
 
 def lecun_normal_(weight: Tensor) -> Tensor:

@@ -1,0 +1,95 @@
+"""GroupNorm (+ swish, + conditioning add) of the U-Net as a fused op (math:
+``vdm_fast.reference.norm``; kernels: ``kernels/norm.py``).
+
+``vdm_fast::group_norm_silu`` runs the Triton kernels: on CUDA tensors in training, and on CPU
+tensors only under ``TRITON_INTERPRET=1`` (the tests). Elsewhere ``group_norm_silu`` runs the
+reference composition, which on the CPU is what PyTorch's own group_norm kernel does anyway.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vdm_fast import _ext
+from vdm_fast.ops import _checks
+from vdm_fast.reference import norm as ref
+
+
+def _triton():
+    from vdm_fast.kernels import norm  # imported on first use: triton is slow to import
+
+    return norm
+
+
+@torch.library.custom_op("vdm_fast::group_norm_silu", mutates_args=())
+def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
+                     eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    cond = None if cond is None else cond.contiguous()
+    return _triton().group_norm_silu_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), cond,
+                                             num_groups, eps, silu)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_group_norm_silu.register_fake
+def _(x, weight, bias, cond, num_groups, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vdm_fast::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
+                              mean: Tensor, rstd: Tensor, num_groups: int,
+                              silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, dcond)``; ``dcond`` is empty without conditioning."""
+    cond = None if cond is None else cond.contiguous()
+    dx, dw, db, dcond = _triton().group_norm_silu_backward(dy.contiguous(), x.contiguous(), weight.contiguous(),
+                                                           bias.contiguous(), cond, mean, rstd, num_groups, silu)
+    return dx, dw, db, dcond if dcond is not None else x.new_empty(0)
+
+
+@_group_norm_silu_backward.register_fake
+def _(dy, x, weight, bias, cond, mean, rstd, num_groups, silu):
+    dcond = torch.empty_like(cond) if cond is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+        torch.empty_like(bias), dcond
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, cond, num_groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, cond, mean, rstd)
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, cond, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dcond = _group_norm_silu_backward(dy, x, weight, bias, cond, mean, rstd, ctx.num_groups, ctx.silu)
+    return dx, dw, db, (dcond if cond is not None else None), None, None, None
+
+
+_group_norm_silu.register_autograd(_backward, setup_context=_setup)
+
+
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 32, eps: float = 1e-6,
+                    silu: bool = True, cond: Optional[Tensor] = None) -> Tensor:
+    """``silu(GroupNorm(x + cond[:, :, None, None]))`` over NCHW ``x`` (``silu``, ``cond`` optional),
+    statistics in float32 (float64 for float64 input), output in ``x``'s dtype."""
+    _checks.tensor("x", x, floating=True)
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
+    for name, p in (("weight", weight), ("bias", bias)):
+        _checks.tensor(name, p, floating=True)
+        if p.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
+    if cond is not None and cond.shape != (B, C):
+        raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
+    if x.is_cuda and _ext.has_triton() and not _ext.use_reference():
+        return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
+    return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)
