@@ -24,3 +24,4 @@ for impl in triton cuda; do
 done
 VDM_FAST_CUDA_IMPL=cuda python benchmarks/bench_loss.py --device cuda --quick 2>&1 | tee "$out/bench_loss_cuda_cpp.md" | tail -6
 python benchmarks/bench_train.py --device cuda --steps 10 2>&1 | tee "$out/bench_train.md" | tail -6
+python benchmarks/bench_unet.py 2>&1 | tee "$out/bench_unet.md" | tail -10

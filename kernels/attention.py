@@ -1,0 +1,137 @@
+"""Triton flash attention (non-causal) for the U-Net's attention block (math:
+``vdm_fast.reference.attention``; the block's GroupNorm and projections are in
+``vdm_fast.ops.attention``).
+
+q, k, v, o: ``[BH, N, d]`` contiguous (BH = batch x heads, N = H*W tokens, d = head dim).
+Forward: a program per (query block, BH) streams key/value blocks with an online softmax and
+saves the log-sum-exp ``[BH, N]``; the ``N x N`` matrix never exists. Backward recomputes the
+probabilities from the log-sum-exp: one kernel per key block accumulates dK and dV over all
+query blocks, another per query block accumulates dQ over all key blocks; every gradient is
+written by exactly one program (deterministic, no atomics). Statistics in float32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 32
+BLOCK_N = 32
+
+
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    m_blk, bh = tl.program_id(0), tl.program_id(1)
+    base = bh * N * d
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < N, offs_d < d
+    q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        correction = tl.exp(m_i - m_new)
+        l_i = l_i * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p, v)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + base + offs_m[:, None] * d + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, N, d, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n_blk, bh = tl.program_id(0), tl.program_id(1)
+    base = bh * N * d
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n, mask_d = offs_n < N, offs_d < d
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None]) * scale
+        dk += tl.dot(tl.trans(ds), q)
+    tl.store(dk_ptr + base + offs_n[:, None] * d + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + base + offs_n[:, None] * d + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    m_blk, bh = tl.program_id(0), tl.program_id(1)
+    base = bh * N * d
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < N, offs_d < d
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None]) * scale
+        dq += tl.dot(ds, k)
+    tl.store(dq_ptr + base + offs_m[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
+
+
+def flash_attention_forward(q, k, v, scale):
+    """``(o, lse)`` for ``[BH, N, d]`` contiguous q, k, v."""
+    BH, N, d = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((BH, N), device=q.device, dtype=torch.float32)
+    _attn_fwd[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, o, lse, N, d, scale, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                             BLOCK_D=_block_d(d))
+    return o, lse
+
+
+def flash_attention_backward(do, q, k, v, o, lse, scale):
+    """``(dq, dk, dv)``."""
+    BH, N, d = q.shape
+    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O): [BH, N]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d))
+    _attn_bwd_dkdv[(triton.cdiv(N, BLOCK_N), BH)](q, k, v, do, lse, delta, dk, dv, N, d, scale, **meta)
+    _attn_bwd_dq[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, do, lse, delta, dq, N, d, scale, **meta)
+    return dq, dk, dv

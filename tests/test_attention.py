@@ -1,0 +1,123 @@
+"""The attention block: the Triton flash-attention kernels and the fused block (interpreted on
+the CPU where no GPU exists) against the reference, and the fused U-Net against the reference
+U-Net."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import RTOL, assert_close
+
+from vdm_fast import nn as vnn
+from vdm_fast import ops
+from vdm_fast.reference.attention import attention_block as reference
+
+triton_attention = pytest.importorskip("vdm_fast.kernels.attention", reason="triton is not installed")
+from vdm_fast.ops import attention as ops_attention  # noqa: E402
+from vdm_fast.ops import norm as ops_norm  # noqa: E402
+
+
+@pytest.mark.parametrize("BH, N, d", [(2, 16, 8), (3, 35, 32), (1, 70, 40)])  # N not a block multiple
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_matches_sdpa(BH, N, d, dtype, poisoned):
+    poisoned(triton_attention)
+    q, k, v = (torch.randn(BH, N, d).to(dtype) for _ in range(3))
+    do = torch.randn(BH, N, d).to(dtype)
+    o, lse = torch.ops.vdm_fast.flash_attention(q, k, v, 1 / math.sqrt(d))
+    grads = torch.ops.vdm_fast.flash_attention_backward(do, q, k, v, o, lse, 1 / math.sqrt(d))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_o = F.scaled_dot_product_attention(*leaves)
+    ref_grads = torch.autograd.grad(ref_o, leaves, do.double())
+    assert o.dtype == dtype
+    assert_close(o, ref_o, RTOL[dtype] * 10, "o")
+    assert_close(lse, torch.logsumexp(leaves[0] @ leaves[1].transpose(1, 2) / math.sqrt(d), -1), RTOL[dtype] * 10)
+    for a, b, name in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_close(a, b, RTOL[dtype] * 20, name)
+
+
+def _block_params(C, dtype=torch.float32):
+    return [torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype), torch.randn(3 * C, C, dtype=dtype) / math.sqrt(C),
+            torch.randn(3 * C, dtype=dtype), torch.randn(C, C, dtype=dtype) / math.sqrt(C), torch.randn(C, dtype=dtype)]
+
+
+@pytest.mark.parametrize("shape, heads, groups", [((2, 8, 4, 4), 1, 4), ((1, 32, 5, 7), 2, 32), ((2, 16, 5, 7), 1, 8)])
+def test_fused_attention_block_matches_reference(shape, heads, groups, poisoned):
+    poisoned(triton_attention)
+    x = torch.randn(shape)
+    params = _block_params(shape[1])
+    dy = torch.randn(shape)
+    results = []
+    for fn in (ops_attention._attention_block_fused, reference):
+        leaves = [t.clone().requires_grad_() for t in (x, *params)]
+        y = fn(*leaves, heads, groups, 1e-6)
+        results.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for a, b, name in zip(*results, ("y", "dx", "dnorm_w", "dnorm_b", "dw_qkv", "db_qkv", "dw_out", "db_out")):
+        assert_close(a, b, RTOL[torch.float32] * 20, name)
+
+
+def test_flash_attention_opcheck():
+    q, k, v = (torch.randn(2, 19, 16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.vdm_fast.flash_attention.default, (q, k, v, 0.25))
+
+
+def test_fused_unet_matches_reference_unet(monkeypatch):
+    """The U-Net with its GroupNorms and attention on the fused kernels, against the same U-Net
+    (same state_dict) on the reference: outputs and every parameter's gradient."""
+    torch.manual_seed(0)
+    net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0, attention="all")
+    for p in net.parameters():  # off the zero init, so every block matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    z, gamma = torch.randn(2, 1, 4, 4), torch.tensor([-3.0, 1.0])
+
+    def run():
+        net.zero_grad()
+        out = net(z, gamma)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    reference_out, reference_grads = run()
+
+    # On the CPU the fused ops would take the reference path: send them to the kernels instead.
+    def fused_norm(x, weight, bias, num_groups=32, eps=1e-6, silu=True, cond=None):
+        return ops_norm._group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
+
+    monkeypatch.setattr(ops_norm, "group_norm_silu", fused_norm)
+    monkeypatch.setattr(ops_attention, "attention_block", ops_attention._attention_block_fused)
+    net.set_ops("reference")
+    assert_close(run()[0], reference_out, 0.0, "reference ops")  # the switch reaches every block
+    net.set_ops("fused")
+    fused_out, fused_grads = run()
+    assert_close(fused_out, reference_out, 1e-4, "output")
+    # Some parameters (e.g. dense0, whose effect a GroupNorm later cancels almost entirely) have
+    # gradients of float32 rounding size: the floor is set by the largest gradient.
+    atol = 1e-4 * max(g.abs().max().item() for g in reference_grads.values())
+    for name, g in reference_grads.items():
+        assert_close(fused_grads[name], g, 1e-3, name, atol=atol)
+
+
+def test_attention_block_rejects():
+    x = torch.randn(2, 8, 4, 4)
+    params = _block_params(8)
+    with pytest.raises(ValueError, match="num_heads .3. must divide"):
+        ops.attention_block(x, *params, num_heads=3, num_groups=4)
+    with pytest.raises(ValueError, match=r"w_qkv must have shape \(24, 8\)"):
+        ops.attention_block(x, params[0], params[1], params[2][:8], *params[3:], num_groups=4)
+    assert torch.equal(ops.attention_block(x, *params, num_groups=4), reference(x, *params, 1, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads, d", [(1, 128), (2, 64), (4, 64), (8, 32), (1, 256)])
+def test_cuda_attention_block_matches_reference(heads, d):
+    C = heads * d
+    x = torch.randn(4, C, 15, 15)  # 225 tokens: not a multiple of the block size
+    params = _block_params(C)
+    dy = torch.randn_like(x)
+    outs = []
+    for dev in ("cuda", "cpu"):
+        leaves = [t.to(dev).requires_grad_() for t in (x, *params)]
+        y = ops.attention_block(*leaves, num_heads=heads, num_groups=32)
+        outs.append((y, *torch.autograd.grad(y, leaves, dy.to(dev))))
+    for a, b in zip(*outs):
+        assert_close(a.cpu(), b, RTOL[torch.float32] * 50)

@@ -1,0 +1,106 @@
+"""The U-Net's attention block as fused ops (math: ``vdm_fast.reference.attention``; kernels:
+``kernels/attention.py`` and ``kernels/norm.py``).
+
+``x + proj_out(attention(GroupNorm(x)))``: the GroupNorm runs the fused norm kernel, the QKV
+projection is one GEMM, the attention core is ``vdm_fast::flash_attention`` (online softmax,
+log-sum-exp saved, probabilities recomputed in backward; the ``(HW)^2`` matrix never exists),
+and the residual is the ``C`` operand of the output projection's GEMM (``addmm``), so it is
+added in that GEMM's epilogue. CUDA tensors of float32, bfloat16 or float16 take this path;
+everything else runs the reference.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vdm_fast import _ext
+from vdm_fast.ops import _checks
+from vdm_fast.ops.norm import _group_norm_silu
+from vdm_fast.reference import attention as ref
+
+
+def _triton():
+    from vdm_fast.kernels import attention  # imported on first use: triton is slow to import
+
+    return attention
+
+
+@torch.library.custom_op("vdm_fast::flash_attention", mutates_args=())
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return _triton().flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+
+
+@_flash_attention.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("vdm_fast::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton().flash_attention_backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                              o.contiguous(), lse, scale)
+
+
+@_flash_attention_backward.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    dq, dk, dv = _flash_attention_backward(do, *ctx.saved_tensors, ctx.scale)
+    return dq, dk, dv, None
+
+
+_flash_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads, num_groups, eps):
+    B, C, H, W = x.shape
+    N, d = H * W, C // num_heads
+    h = _group_norm_silu(x, norm_weight, norm_bias, None, num_groups, float(eps), False)[0]
+    qkv = F.linear(h.flatten(2).transpose(1, 2), w_qkv, b_qkv)  # [B, N, 3C]
+
+    def heads(t):  # [B, N, C] -> [B * heads, N, d]
+        return t.reshape(B, N, num_heads, d).transpose(1, 2).reshape(B * num_heads, N, d)
+
+    q, k, v = (heads(t) for t in qkv.chunk(3, dim=-1))
+    a = _flash_attention(q, k, v, 1.0 / math.sqrt(d))[0]
+    a = a.reshape(B, num_heads, N, d).transpose(1, 2).reshape(B * N, C)
+    residual = x.flatten(2).transpose(1, 2).reshape(B * N, C) + b_out
+    out = torch.addmm(residual, a, w_out.t())  # the residual is addmm's C operand: the epilogue adds it
+    return out.reshape(B, N, C).transpose(1, 2).reshape(B, C, H, W)
+
+
+def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Tensor, b_qkv: Tensor,
+                    w_out: Tensor, b_out: Tensor, num_heads: int = 1, num_groups: int = 32,
+                    eps: float = 1e-6) -> Tensor:
+    """``x + proj_out(attention(GroupNorm(x)))`` over the ``H * W`` tokens of NCHW ``x``, the
+    official ``AttnBlock``; ``w_qkv [3C, C]``, ``w_out [C, C]`` in ``Linear`` layout, softmax
+    scale ``1 / sqrt(C / num_heads)``."""
+    _checks.tensor("x", x, floating=True)
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if num_heads < 1 or C % num_heads:
+        raise ValueError(f"num_heads ({num_heads}) must divide the channels of x ({C})")
+    if C % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
+    for name, p, shape in (("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
+                           ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))):
+        _checks.tensor(name, p, floating=True)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    if x.is_cuda and x.dtype != torch.float64 and _ext.has_triton() and not _ext.use_reference():
+        return _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads,
+                                      num_groups, eps)
+    return ref.attention_block(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads, num_groups, eps)
