@@ -19,6 +19,29 @@ BLOCK_N = 32
 
 
 @triton.jit
+def _load_rows(ptr, base, offs_rows, mask_rows, offs_d, mask_d, d):
+    """A ``[rows, BLOCK_D]`` tile of a ``[N, d]`` matrix, zero outside, in float32."""
+    mask = mask_rows[:, None] & mask_d[None, :]
+    return tl.load(ptr + base + offs_rows[:, None] * d + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, value, base, offs_rows, mask_rows, offs_d, mask_d, d):
+    mask = mask_rows[:, None] & mask_d[None, :]
+    tl.store(ptr + base + offs_rows[:, None] * d + offs_d[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale):
+    """The backward's shared step: probabilities recomputed from the log-sum-exp, and the
+    gradient of the (scaled) scores, ``P * (dO V^T - rowsum(dO * O)) * scale``."""
+    p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None]) * scale
+    return p, ds
+
+
+@triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1)
@@ -26,17 +49,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.cons
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < N, offs_d < d
-    q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0).to(tl.float32)
+    q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+        v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -45,9 +66,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.cons
         l_i = l_i * correction + tl.sum(p, axis=1)
         acc = acc * correction[:, None] + tl.dot(p, v)
         m_i = m_new
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + base + offs_m[:, None] * d + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    _store_rows(o_ptr, acc / l_i[:, None], base, offs_m, mask_m, offs_d, mask_d, d)
     tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log(l_i), mask=mask_m)
 
 
@@ -59,28 +78,22 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n, mask_d = offs_n < N, offs_d < d
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+    v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, N, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
+        do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale)
         dv += tl.dot(tl.trans(p), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None]) * scale
         dk += tl.dot(tl.trans(ds), q)
-    tl.store(dk_ptr + base + offs_n[:, None] * d + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + base + offs_n[:, None] * d + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_rows(dk_ptr, dk, base, offs_n, mask_n, offs_d, mask_d, d)
+    _store_rows(dv_ptr, dv, base, offs_n, mask_n, offs_d, mask_d, d)
 
 
 @triton.jit
@@ -91,25 +104,19 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, 
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < N, offs_d < d
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
+    do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
     lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None]) * scale
+        k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+        v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale)
         dq += tl.dot(ds, k)
-    tl.store(dq_ptr + base + offs_m[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    _store_rows(dq_ptr, dq, base, offs_m, mask_m, offs_d, mask_d, d)
 
 
 def _block_d(d: int) -> int:

@@ -150,9 +150,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _device_kind(cfg: TrainConfig) -> str:
+    return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
+    if _device_kind(cfg) == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA GPU is available")
         torch.cuda.set_device(local_rank)
@@ -164,8 +167,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the final metrics."""
     if cfg.ops == "reference":
         os.environ["VDM_FAST_BACKEND"] = "reference"
-    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    job = Distributed(kind)
+    job = Distributed(_device_kind(cfg))
     try:
         return _train(cfg, job)
     finally:
