@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vdm_fast import _ext
 from vdm_fast.ops import _checks
+from vdm_fast.ops._library import kernel_op
 from vdm_fast.ops.norm import _group_norm_silu
 from vdm_fast.reference import attention as ref
 
@@ -27,7 +28,7 @@ def _triton():
     return attention
 
 
-@torch.library.custom_op("vdm_fast::flash_attention", mutates_args=())
+@kernel_op("flash_attention")
 def _flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return _triton().flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
 
@@ -37,7 +38,7 @@ def _(q, k, v, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@torch.library.custom_op("vdm_fast::flash_attention_backward", mutates_args=())
+@kernel_op("flash_attention_backward")
 def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _triton().flash_attention_backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),

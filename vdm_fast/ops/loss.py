@@ -24,6 +24,7 @@ from torch import Tensor
 
 from vdm_fast import _ext
 from vdm_fast.ops import _checks
+from vdm_fast.ops._library import kernel_op
 from vdm_fast.reference import loss as ref
 from vdm_fast.reference import parameterization as param
 from vdm_fast.reference.parameterization import PREDICTIONS
@@ -52,7 +53,7 @@ def _triton():
 
 # --- vdm_fast::diffuse ------------------------------------------------------------------------
 
-@torch.library.custom_op("vdm_fast::diffuse", mutates_args=())
+@kernel_op("diffuse")
 def _diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     f, eps, gamma = f.contiguous(), eps.contiguous(), gamma.contiguous()
     if f.is_cuda:
@@ -68,7 +69,7 @@ def _(f, eps, gamma):
     return torch.empty_like(f)
 
 
-@torch.library.custom_op("vdm_fast::diffuse_backward", mutates_args=())
+@kernel_op("diffuse_backward")
 def _diffuse_backward(grad: Tensor, f: Tensor, eps: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     grad, f, eps, gamma = grad.contiguous(), f.contiguous(), eps.contiguous(), gamma.contiguous()
     if f.is_cuda:
@@ -110,7 +111,7 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-@torch.library.custom_op("vdm_fast::sum_squared_error", mutates_args=())
+@kernel_op("sum_squared_error")
 def _sse(x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
          c: Optional[Tensor]) -> Tensor:
     dtype = _compute_dtype(x, y, w)
@@ -128,7 +129,7 @@ def _(x, y, a, w, c):
     return x.new_empty(x.shape[0], dtype=_compute_dtype(x, y, w))
 
 
-@torch.library.custom_op("vdm_fast::sum_squared_error_backward", mutates_args=())
+@kernel_op("sum_squared_error_backward")
 def _sse_backward(grad: Tensor, x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
                   c: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """``d/dx = 2 grad r`` (in ``x``'s dtype; ``d/dy = -a d/dx``, ``d/dw = -c d/dx``) and the
@@ -189,7 +190,7 @@ def _launch_recon(kind: str, x: Tensor, eps_0: Tensor, gamma_0: Tensor, *buffers
         getattr(_ext._C, f"recon_{kind}_cpu")(*args)
 
 
-@torch.library.custom_op("vdm_fast::reconstruction_loss", mutates_args=())
+@kernel_op("reconstruction_loss")
 def _reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
     x, eps_0, gamma_0 = x.contiguous(), eps_0.contiguous(), gamma_0.contiguous()
     if eps_0.is_cuda and not _ext.prefer_cuda_cpp():
@@ -204,7 +205,7 @@ def _(x, eps_0, gamma_0, vocab_size):
     return eps_0.new_empty(eps_0.shape[0])
 
 
-@torch.library.custom_op("vdm_fast::reconstruction_loss_backward", mutates_args=())
+@kernel_op("reconstruction_loss_backward")
 def _reconstruction_loss_backward(grad: Tensor, x: Tensor, eps_0: Tensor, gamma_0: Tensor,
                                   vocab_size: int) -> tuple[Tensor, Tensor]:
     grad, x = grad.contiguous(), x.contiguous()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vdm_fast import _ext
 from vdm_fast.ops import _checks
+from vdm_fast.ops._library import kernel_op
 from vdm_fast.reference import norm as ref
 
 
@@ -22,7 +23,7 @@ def _triton():
     return norm
 
 
-@torch.library.custom_op("vdm_fast::group_norm_silu", mutates_args=())
+@kernel_op("group_norm_silu")
 def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
                      eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     cond = None if cond is None else cond.contiguous()
@@ -40,7 +41,7 @@ def _(x, weight, bias, cond, num_groups, eps, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vdm_fast::group_norm_silu_backward", mutates_args=())
+@kernel_op("group_norm_silu_backward")
 def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
                               mean: Tensor, rstd: Tensor, num_groups: int,
                               silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:

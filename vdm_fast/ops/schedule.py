@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vdm_fast import _ext
 from vdm_fast.ops import _checks
+from vdm_fast.ops._library import kernel_op
 from vdm_fast.reference import schedule as ref
 
 PARAMS = ("w1", "b1", "w2", "b2", "w3")
@@ -31,7 +32,7 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-@torch.library.custom_op("vdm_fast::gamma_nnet", mutates_args=())
+@kernel_op("gamma_nnet")
 def _gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
     t, w1, b1, w2, b2, w3 = (x.contiguous() for x in (t, w1, b1, w2, b2, w3))
     if t.is_cuda and not _ext.prefer_cuda_cpp():
@@ -50,7 +51,7 @@ def _(t, w1, b1, w2, b2, w3):
     return torch.empty_like(t), torch.empty_like(t)
 
 
-@torch.library.custom_op("vdm_fast::gamma_nnet_backward", mutates_args=())
+@kernel_op("gamma_nnet_backward")
 def _gamma_nnet_backward(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
                          grad_gamma: Tensor, grad_dgamma: Tensor) -> list[Tensor]:
     inputs = [x.contiguous() for x in (t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma)]
