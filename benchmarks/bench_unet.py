@@ -44,13 +44,16 @@ def main():
         cond = torch.randn(B, C, device=dev, dtype=dt, requires_grad=True)
         norm_impls = {"fused": fused_norm.group_norm_silu, "eager": reference_norm.group_norm_silu,
                       "compiled": torch.compile(reference_norm.group_norm_silu)}
-        times = {k: time_fn(fwd_bwd(lambda x, w, b, c, f=f: f(x, w, b, 32, 1e-6, True, c), (x, w, b, cond)), dev)
-                 for k, f in norm_impls.items()}
-        gbs = 5 * x.numel() * x.element_size() / times["fused"] / 1e9
-        rows.append({"block": f"GroupNorm+SiLU+cond {size}x{size}", **{k: f"{v * 1e3:.3f}" for k, v in times.items()},
-                     "fused vs eager": f"{times['eager'] / times['fused']:.2f}x",
-                     "fused vs compiled": f"{times['compiled'] / times['fused']:.2f}x", "fused GB/s": f"{gbs:.0f}"})
-        print(rows[-1], flush=True)
+        for layout, name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "NHWC")):
+            xl = x.detach().contiguous(memory_format=layout).requires_grad_()
+            times = {k: time_fn(fwd_bwd(lambda x, w, b, c, f=f: f(x, w, b, 32, 1e-6, True, c), (xl, w, b, cond)),
+                                dev) for k, f in norm_impls.items()}
+            gbs = 5 * x.numel() * x.element_size() / times["fused"] / 1e9
+            rows.append({"block": f"GroupNorm+SiLU+cond {size}x{size} {name}",
+                         **{k: f"{v * 1e3:.3f}" for k, v in times.items()},
+                         "fused vs eager": f"{times['eager'] / times['fused']:.2f}x",
+                         "fused vs compiled": f"{times['compiled'] / times['fused']:.2f}x", "fused GB/s": f"{gbs:.0f}"})
+            print(rows[-1], flush=True)
         p = [(torch.randn(s, device=dev) * 0.05).requires_grad_() for s in ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))]
         attn_impls = {"fused": fused_attention.attention_block, "eager": reference_attention.attention_block,
                       "compiled": torch.compile(reference_attention.attention_block)}

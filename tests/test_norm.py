@@ -22,10 +22,12 @@ def _inputs(B, C, H, W, dtype, cond):
 @pytest.mark.parametrize("shape, groups", [((2, 8, 5, 7), 4), ((1, 32, 4, 4), 32), ((3, 16, 3, 3), 8)])
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("cond", [False, True])
-def test_fused_group_norm_matches_reference(dtype, shape, groups, silu, cond, poisoned):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_group_norm_matches_reference(dtype, shape, groups, silu, cond, layout, poisoned):
     poisoned(triton_norm)
     x, weight, bias, c = _inputs(*shape, dtype, cond)
-    dy = torch.randn_like(x)
+    x = x.contiguous(memory_format=layout)
+    dy = torch.randn(x.shape, dtype=dtype)  # NCHW whatever x's layout: the op adapts it
     results = []
     for fn in (lambda *a: fused(*a[:3], a[3], groups, 1e-6, silu)[0],
                lambda *a: reference(*a[:3], groups, 1e-6, silu, a[3])):
@@ -33,12 +35,29 @@ def test_fused_group_norm_matches_reference(dtype, shape, groups, silu, cond, po
         y = fn(*leaves)
         grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
         results.append((y, *grads))
+    # Read in place and written in the input's layout: no NCHW copy of a channels_last input.
+    assert results[0][0].is_contiguous(memory_format=layout) and results[0][1].is_contiguous(memory_format=layout)
     tol = RTOL[dtype] * 10
     for a, b, name in zip(*results, ("y", "dx", "dweight", "dbias", "dcond")):
         # With one channel per group the conditioning add is normalised away: its true gradient
         # is zero and both sides are rounding noise, so the tolerance is set by dx's scale.
         atol = tol * results[1][1].abs().max().item() if name == "dcond" else 0.0
         assert_close(a, b, tol, name, atol=atol)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_group_norm_statistics_survive_a_large_mean(layout, poisoned):
+    """Activations offset far from zero: sum and sum of squares in float32 would cancel to a
+    variance wrong by O(1) here; the Welford statistics stay at float32 rounding of the mean."""
+    poisoned(triton_norm)
+    x, weight, bias, _ = _inputs(2, 16, 6, 5, torch.float32, False)
+    x = (x + 1000.0).contiguous(memory_format=layout)
+    y, mean, rstd = fused(x, weight, bias, None, 4, 1e-6, False)
+    exact = reference(x.double(), weight.double(), bias.double(), 4, 1e-6, False)
+    groups = x.double().reshape(2, 4, -1)
+    assert_close(mean, groups.mean(-1).float(), 1e-6, "mean")
+    assert_close(rstd, (groups.var(-1, unbiased=False) + 1e-6).rsqrt().float(), 1e-4, "rstd")
+    assert_close(y.double(), exact, 0.0, "y", atol=1e-3 * exact.abs().max().item())
 
 
 def test_fused_group_norm_reads_low_precision_and_writes_its_dtype():
@@ -70,8 +89,10 @@ def test_public_op_validates_and_matches_reference_on_cpu():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_group_norm_matches_reference(dtype):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cuda_group_norm_matches_reference(dtype, layout):
     x, weight, bias, c = _inputs(8, 128, 32, 32, torch.float32, True)
+    x = x.contiguous(memory_format=layout)
     dy = torch.randn_like(x)
     outs = []
     for fn, dev in ((ops.group_norm_silu, "cuda"), (reference, "cpu")):

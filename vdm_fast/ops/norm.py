@@ -23,12 +23,19 @@ def _triton():
     return norm
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the kernels read ``x`` in, and write ``y`` and ``dx`` in: channels_last where
+    ``x`` has it (no copy), else NCHW."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @kernel_op("group_norm_silu")
 def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
                      eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     cond = None if cond is None else cond.contiguous()
-    return _triton().group_norm_silu_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), cond,
-                                             num_groups, eps, silu)
+    return _triton().group_norm_silu_forward(x.contiguous(memory_format=_memory_format(x)), weight.contiguous(),
+                                             bias.contiguous(), cond, num_groups, eps, silu)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -38,7 +45,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 @_group_norm_silu.register_fake
 def _(x, weight, bias, cond, num_groups, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
 
 
 @kernel_op("group_norm_silu_backward")
@@ -47,7 +54,9 @@ def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
                               silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dcond)``; ``dcond`` is empty without conditioning."""
     cond = None if cond is None else cond.contiguous()
-    dx, dw, db, dcond = _triton().group_norm_silu_backward(dy.contiguous(), x.contiguous(), weight.contiguous(),
+    layout = _memory_format(x)
+    dx, dw, db, dcond = _triton().group_norm_silu_backward(dy.contiguous(memory_format=layout),
+                                                           x.contiguous(memory_format=layout), weight.contiguous(),
                                                            bias.contiguous(), cond, mean, rstd, num_groups, silu)
     return dx, dw, db, dcond if dcond is not None else x.new_empty(0)
 
@@ -55,7 +64,7 @@ def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
 @_group_norm_silu_backward.register_fake
 def _(dy, x, weight, bias, cond, mean, rstd, num_groups, silu):
     dcond = torch.empty_like(cond) if cond is not None else x.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+    return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(weight), \
         torch.empty_like(bias), dcond
 
 
@@ -77,7 +86,8 @@ _group_norm_silu.register_autograd(_backward, setup_context=_setup)
 
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 32, eps: float = 1e-6,
                     silu: bool = True, cond: Optional[Tensor] = None) -> Tensor:
-    """``silu(GroupNorm(x + cond[:, :, None, None]))`` over NCHW ``x`` (``silu``, ``cond`` optional),
+    """``silu(GroupNorm(x + cond[:, :, None, None]))`` over ``x [B, C, H, W]``, NCHW or channels_last
+    (the result keeps the layout; ``silu``, ``cond`` optional),
     statistics in float32 (float64 for float64 input), output in ``x``'s dtype."""
     _checks.tensor("x", x, floating=True)
     if x.dim() != 4:
