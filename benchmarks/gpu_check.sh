@@ -1,29 +1,60 @@
 #!/usr/bin/env bash
-# The one GPU check, sized for a few minutes on one card: build with CUDA, run the CUDA parity
-# tests, then every GPU benchmark; the tables land in $OUT (or ./gpu-results) for RESULTS.md.
-#   bash benchmarks/gpu_check.sh
-set -euo pipefail
+# The one GPU check, sized to end inside one 10-minute device call: build with CUDA, run the CUDA
+# parity tests, then every GPU benchmark; the logs and tables land in $OUT (or ./gpu-results) for
+# benchmarks/RESULTS.md, with summary.md saying how each step ended.
+#   bash benchmarks/gpu_check.sh            (BUDGET_S=540 by default: the whole run's seconds)
+#
+# $OUT gets at most 8 files back, so steps of one benchmark share a log (appended).
+#
+# A step that fails or runs out of time is recorded and the next one still runs: one broken
+# kernel must not cost the timings of the others on a card lent for minutes. Each step gets at
+# most its own cap and never more than what is left of the budget.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
+budget="${BUDGET_S:-540}"
+py="${PYTHON:-python3}"  # the card's image holds torch in python3
+export PYTHONUNBUFFERED=1
 mkdir -p "$out"
+start=$(date +%s)
+printf '| step | exit | seconds |\n|---|---|---|\n' >"$out/summary.md"
+
+step() {  # step NAME CAP_SECONDS LOG COMMAND...
+    local name=$1 cap=$2 log=$3 left t0 rc
+    shift 3
+    left=$((budget - ($(date +%s) - start) - 5))
+    ((left < cap)) && cap=$left
+    if ((cap < 10)); then
+        echo "| $name | skipped: budget spent | 0 |" >>"$out/summary.md"
+        return
+    fi
+    echo "== $name (at most ${cap}s)"
+    t0=$(date +%s)
+    echo "== $name" >>"$out/$log"
+    timeout --kill-after=5 "$cap" "$@" 2>&1 | tee -a "$out/$log" | tail -n 12
+    rc=${PIPESTATUS[0]}
+    ((rc == 124 || rc == 137)) && rc="$rc (timed out)"
+    echo "| $name | $rc | $(($(date +%s) - t0)) |" >>"$out/summary.md"
+}
+
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} | tee "$out/device.txt"
+    "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} >"$out/device.txt" 2>&1
+cat "$out/device.txt"
 
 # The card's machine reaches no package index but has torch, triton, pybind11, setuptools and
-# pytest: build against what is there. CUDA C++ kernels where it has nvcc; Triton either way.
-python -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-python -c "import vdm_fast; print(vdm_fast.build_info())" | tee -a "$out/device.txt"
-
-# Parity first: a kernel that is wrong is not worth timing.
-pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.txt" | tail -5
-
-python benchmarks/bench_loss.py --device cuda --ref-limit-gb 100 2>&1 | tee "$out/bench_loss.md" | tail -12
+# pytest: build against what is there, with the CUDA C++ kernels (nvcc is there).
+step build 180 build.log bash -c "VDM_FAST_CUDA=1 $py -m pip install -v --no-build-isolation --no-deps . \
+    && $py -c 'import vdm_fast; print(vdm_fast.build_info())'"
+# -P: import the installed package (with its compiled _C), not the source tree in the cwd.
+step cuda-tests 150 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
 for impl in triton cuda; do
-    python benchmarks/bench_schedule.py --device cuda --impl "$impl" 2>&1 | tee "$out/bench_schedule_$impl.md" | tail -8
+    step "bench_schedule $impl" 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda --impl "$impl"
 done
-VDM_FAST_CUDA_IMPL=cuda python benchmarks/bench_loss.py --device cuda --quick 2>&1 | tee "$out/bench_loss_cuda_cpp.md" | tail -6
-python benchmarks/bench_train.py --device cuda --steps 10 2>&1 | tee "$out/bench_train.md" | tail -6
-python benchmarks/bench_unet.py 2>&1 | tee "$out/bench_unet.md" | tail -10
+step bench_loss 120 bench_loss.md "$py" benchmarks/bench_loss.py --device cuda --ref-limit-gb 100
+step "bench_loss cuda-cpp" 45 bench_loss.md env VDM_FAST_CUDA_IMPL=cuda "$py" benchmarks/bench_loss.py --device cuda --quick
+step bench_unet 150 bench_unet.md "$py" benchmarks/bench_unet.py
+step bench_train 60 bench_train.md "$py" benchmarks/bench_train.py --device cuda --steps 10
+cat "$out/summary.md"

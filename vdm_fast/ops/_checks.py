@@ -59,14 +59,22 @@ def finite_number(name: str, value, *, positive: bool = False, integer: bool = F
     return value
 
 
+def values_readable(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values now: not inside a traced graph (it cannot branch on
+    data) nor while a CUDA graph is being captured (reading would synchronise, which capture
+    forbids). There the data checks are skipped; the shape and dtype checks always run."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def images(name: str, x, vocab_size: int) -> Tensor:
     """Integer-valued images in ``[0, vocab_size)``, of an integer or floating dtype."""
     tensor(name, x)
     batch(name, x)
     if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{name} must hold integer values of an integer or float dtype, got {x.dtype}")
-    if x.numel() == 0 or torch.compiler.is_compiling():
-        # The range check reads the data, which a traced graph cannot branch on.
+    if x.numel() == 0 or not values_readable(x):
         return x
     lo, hi = (v.item() for v in torch.aminmax(x))  # Python numbers: no uint8 wrap-around
     if lo < 0 or hi >= vocab_size:

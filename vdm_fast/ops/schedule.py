@@ -106,7 +106,7 @@ def _check_params(t, w1, b1, w2, b2, w3) -> None:
     for name, p in zip(PARAMS, (w1, b1, w2, b2, w3)):
         if name in expected and tuple(p.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} ({layout}), got {tuple(p.shape)}")
-    if not torch.compiler.is_compiling():
+    if _checks.values_readable(t):
         lo, hi = (v.item() for v in torch.aminmax(t.detach()))
         if not (0.0 <= lo and hi <= 1.0):
             raise ValueError(f"t must lie in [0, 1], got values in [{lo}, {hi}]")
