@@ -7,8 +7,15 @@ Forward: a program per (query block, BH) streams key/value blocks with an online
 saves the log-sum-exp ``[BH, N]``; the ``N x N`` matrix never exists. Backward recomputes the
 probabilities from the log-sum-exp: one kernel per key block accumulates dK and dV over all
 query blocks, another per query block accumulates dQ over all key blocks; every gradient is
-written by exactly one program (deterministic, no atomics). Statistics in float32.
+written by exactly one program (deterministic, no atomics).
+
+Precision: the matrix products take their operands in the inputs' dtype (bf16/fp16 on the
+tensor cores; probabilities and score gradients are cast to it, as flash attention does) and
+accumulate in float32; softmax statistics are float32. float32 inputs multiply in full float32
+(``input_precision="ieee"``), not TF32, matching torch's default for float32 matmuls.
 """
+
+import os
 
 import torch
 import triton
@@ -20,9 +27,20 @@ BLOCK_N = 32
 
 @triton.jit
 def _load_rows(ptr, base, offs_rows, mask_rows, offs_d, mask_d, d):
-    """A ``[rows, BLOCK_D]`` tile of a ``[N, d]`` matrix, zero outside, in float32."""
+    """A ``[rows, BLOCK_D]`` tile of a ``[N, d]`` matrix, zero outside, in its dtype."""
     mask = mask_rows[:, None] & mask_d[None, :]
-    return tl.load(ptr + base + offs_rows[:, None] * d + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + base + offs_rows[:, None] * d + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` in ``b``'s dtype (``a`` rounded to it), accumulated in float32. ``UPCAST``: the
+    same rounded operands multiplied in float32, for Triton's CPU interpreter, whose products of
+    bfloat16 tiles are wrong."""
+    a = a.to(b.dtype)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -32,18 +50,18 @@ def _store_rows(ptr, value, base, offs_rows, mask_rows, offs_d, mask_d, d):
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale):
+def _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale, UPCAST: tl.constexpr):
     """The backward's shared step: probabilities recomputed from the log-sum-exp, and the
     gradient of the (scaled) scores, ``P * (dO V^T - rowsum(dO * O)) * scale``."""
-    p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+    p = tl.exp(_mm(q, tl.trans(k), UPCAST) * scale - lse[:, None])
     p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None]) * scale
+    ds = p * (_mm(do, tl.trans(v), UPCAST) - delta[:, None]) * scale
     return p, ds
 
 
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+              BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,13 +76,13 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.cons
         mask_n = offs_n < N
         k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
         v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _mm(q, tl.trans(k), UPCAST) * scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         correction = tl.exp(m_i - m_new)
         l_i = l_i * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p, v)
+        acc = acc * correction[:, None] + _mm(p, v, UPCAST)
         m_i = m_new
     _store_rows(o_ptr, acc / l_i[:, None], base, offs_m, mask_m, offs_d, mask_d, d)
     tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log(l_i), mask=mask_m)
@@ -72,7 +90,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.cons
 
 @triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, N, d, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     n_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,16 +107,16 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
-        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale)
-        dv += tl.dot(tl.trans(p), do)
-        dk += tl.dot(tl.trans(ds), q)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale, UPCAST)
+        dv += _mm(tl.trans(p), do, UPCAST)
+        dk += _mm(tl.trans(ds), q, UPCAST)
     _store_rows(dk_ptr, dk, base, offs_n, mask_n, offs_d, mask_d, d)
     _store_rows(dv_ptr, dv, base, offs_n, mask_n, offs_d, mask_d, d)
 
 
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, scale,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,9 +132,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, 
         mask_n = offs_n < N
         k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
         v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale)
-        dq += tl.dot(ds, k)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale, UPCAST)
+        dq += _mm(ds, k, UPCAST)
     _store_rows(dq_ptr, dq, base, offs_m, mask_m, offs_d, mask_d, d)
+
+
+# The interpreter runs only where no GPU is (the tests): see _mm.
+UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_d(d: int) -> int:
@@ -129,7 +151,7 @@ def flash_attention_forward(q, k, v, scale):
     o = torch.empty_like(q)
     lse = torch.empty((BH, N), device=q.device, dtype=torch.float32)
     _attn_fwd[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, o, lse, N, d, scale, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                             BLOCK_D=_block_d(d))
+                                             BLOCK_D=_block_d(d), UPCAST=UPCAST)
     return o, lse
 
 
@@ -138,7 +160,7 @@ def flash_attention_backward(do, q, k, v, o, lse, scale):
     BH, N, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O): [BH, N]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d))
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), UPCAST=UPCAST)
     _attn_bwd_dkdv[(triton.cdiv(N, BLOCK_N), BH)](q, k, v, do, lse, delta, dk, dv, N, d, scale, **meta)
     _attn_bwd_dq[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, do, lse, delta, dq, N, d, scale, **meta)
     return dq, dk, dv

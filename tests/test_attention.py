@@ -109,15 +109,20 @@ def test_attention_block_rejects():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads, d", [(1, 128), (2, 64), (4, 64), (8, 32), (1, 256)])
-def test_cuda_attention_block_matches_reference(heads, d):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_attention_block_matches_reference(heads, d, dtype):
+    """On the card the products run on the tensor cores in the input dtype (bf16) or in full
+    float32: both against the float32 reference on the same (rounded) inputs."""
     C = heads * d
-    x = torch.randn(4, C, 15, 15)  # 225 tokens: not a multiple of the block size
-    params = _block_params(C)
+    x = torch.randn(4, C, 15, 15).to(dtype)  # 225 tokens: not a multiple of the block size
+    params = [p.to(dtype) for p in _block_params(C)]
     dy = torch.randn_like(x)
     outs = []
-    for dev in ("cuda", "cpu"):
-        leaves = [t.to(dev).requires_grad_() for t in (x, *params)]
+    for dev, cast in (("cuda", dtype), ("cpu", torch.float32)):
+        leaves = [t.to(dev, cast).requires_grad_() for t in (x, *params)]
         y = ops.attention_block(*leaves, num_heads=heads, num_groups=32)
-        outs.append((y, *torch.autograd.grad(y, leaves, dy.to(dev))))
+        outs.append((y, *torch.autograd.grad(y, leaves, dy.to(dev, cast))))
+    tol = RTOL[torch.float32] * 50 if dtype == torch.float32 else RTOL[dtype] * 5
     for a, b in zip(*outs):
-        assert_close(a.cpu(), b, RTOL[torch.float32] * 50)
+        assert a.dtype == dtype
+        assert_close(a.cpu(), b, tol)
