@@ -143,14 +143,16 @@ nnet_backward_kernel(const T* t, const T* w1, const T* w2, const T* b2, const T*
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // Other blocks' partials are read with __ldcg (L2, not this SM's L1): L1 is not coherent
+  // across blocks, so a plain load could see a stale line.
 
   const T a1 = fabs(w1[0]), inv_n = T(1) / T(n);
   for (int64_t k = threadIdx.x; k < n; k += kUnits) {
     T s_w2 = 0, s_b2 = 0, s_w3 = 0;
     for (int64_t b = 0; b < l.iblocks; ++b) {
-      s_w2 += acc[(b * 3 + 0) * n + k];
-      s_b2 += acc[(b * 3 + 1) * n + k];
-      s_w3 += acc[(b * 3 + 2) * n + k];
+      s_w2 += __ldcg(&acc[(b * 3 + 0) * n + k]);
+      s_b2 += __ldcg(&acc[(b * 3 + 1) * n + k]);
+      s_w3 += __ldcg(&acc[(b * 3 + 2) * n + k]);
     }
     const T a3k = fabs(w3[k]);
     grad_w2[k] = sgn(w2[k]) * a3k * inv_n * s_w2;
@@ -161,8 +163,8 @@ nnet_backward_kernel(const T* t, const T* w1, const T* w2, const T* b2, const T*
   for (int64_t i = threadIdx.x; i < B; i += kUnits) {
     T sd = 0, st = 0;
     for (int64_t b = 0; b < l.jblocks; ++b) {
-      sd += part_d[b * B + i];
-      st += part_t[b * B + i];
+      sd += __ldcg(&part_d[b * B + i]);
+      st += __ldcg(&part_t[b * B + i]);
     }
     grad_t[i] = grad_gamma[i] * (a1 + T(4) * inv_n * sd) + grad_dgamma[i] * T(8) * inv_n * st;
     sum_gg += grad_gamma[i];
