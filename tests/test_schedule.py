@@ -224,9 +224,11 @@ triton_schedule = pytest.importorskip("vdm_fast.kernels.schedule", reason="trito
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("B, n", [(1, 1), (33, 130)])  # ragged tiles in both directions
-def test_triton_schedule_matches_autograd_reference(dtype, B, n, poisoned):
+@pytest.mark.parametrize("B, n", [(1, 1), (33, 130), (100, 130)])  # ragged tiles in both directions
+@pytest.mark.parametrize("max_programs", [128, 2])  # 2: each backward program loops over tiles
+def test_triton_schedule_matches_autograd_reference(dtype, B, n, max_programs, poisoned, monkeypatch):
     poisoned(triton_schedule)
+    monkeypatch.setattr(triton_schedule, "MAX_EXAMPLE_PROGRAMS", max_programs)
     params = _random_nnet_params(n, dtype)
     t = _times(B, dtype)
     gg, gd = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype)
