@@ -3,7 +3,7 @@
 
 Layout: NCHW or channels_last (NHWC), read in place through the strides of (example, channel,
 pixel); ``y``, ``dy`` and ``dx`` share ``x``'s layout. One program per (example, group) walks the
-group's ``C/G`` channels x ``H*W`` pixels in 2-d tiles:
+group's ``C/G`` channels x ``H*W`` pixels in 2-d tiles (groups vary fastest over the grid):
 
 - forward: pass 1 accumulates the mean and variance with Welford's update per tile lane and
   Chan's merge across lanes (float32, float64 for float64 input; stable for activations whose
@@ -60,7 +60,7 @@ def _welford_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 def _gn_fwd(x_ptr, w_ptr, b_ptr, cond_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, G, s_b, s_c, s_p, eps,
             HAS_COND: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
             BLOCK_P: tl.constexpr):
-    b, g = tl.program_id(0), tl.program_id(1)
+    g, b = tl.program_id(0), tl.program_id(1)
     cpg = C // G
     lane_mean = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     lane_m2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
@@ -109,7 +109,7 @@ def _grad_pre(dy_ptr, v, mean, rstd, wc, bc, b, c, p, mask, s_b, s_c, s_p, SILU:
 def _gn_bwd(dy_ptr, x_ptr, w_ptr, b_ptr, cond_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, dcond_ptr,
             C, HW, G, s_b, s_c, s_p, HAS_COND: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    b, g = tl.program_id(0), tl.program_id(1)
+    g, b = tl.program_id(0), tl.program_id(1)
     cpg = C // G
     mean = tl.load(mean_ptr + b * G + g)
     rstd = tl.load(rstd_ptr + b * G + g)
@@ -166,7 +166,9 @@ def _launch_config(x, num_groups):
         raise ValueError("x must be a dense NCHW or channels_last tensor")
     block_c = min(triton.next_power_of_2(C // num_groups), 64)
     block_p = max(1, min(triton.next_power_of_2(H * W), TILE // block_c))
-    return (B, num_groups), strides, {"BLOCK_C": block_c, "BLOCK_P": block_p}
+    # Groups vary fastest across programs: neighbouring programs then read neighbouring channels
+    # of the same pixels, which in channels_last share cache lines.
+    return (num_groups, B), strides, {"BLOCK_C": block_c, "BLOCK_P": block_p}
 
 
 def group_norm_silu_forward(x, weight, bias, cond, num_groups, eps, silu):
