@@ -36,13 +36,16 @@ class KernelOp:
         overload = self.overload
 
         class Function(torch.autograd.Function):
+            # ctx-style forward calling setup_context itself: a Function with a separate
+            # setup_context binds its arguments through inspect.signature on every call.
             @staticmethod
-            def forward(*args):
+            def forward(ctx, *args):
                 # The differentiable call runs the device kernel below the autograd key.
                 with torch._C._AutoDispatchBelowAutograd():
-                    return overload(*args)
+                    output = overload(*args)
+                setup_context(ctx, args, output)
+                return output
 
-        Function.setup_context = staticmethod(setup_context)
         Function.backward = staticmethod(backward)
         Function.__name__ = Function.__qualname__ = self.name.replace("::", "_")
         _LIB.impl(self.name.split("::")[1], Function.apply, "Autograd")
