@@ -4,7 +4,7 @@ backward) vs the fused op, gamma and gamma' forward plus the backward of both, i
     python benchmarks/bench_schedule.py [--device cpu|cuda] [--impl triton|cuda]
 
 n = 1024 hidden units, B = 128, 1024 and 65536 times. Prints a markdown table (microseconds per
-forward+backward, ratio). On CUDA it adds the fused step captured in a CUDA graph and replayed:
+forward+backward, medians over five interleaved rounds of reference and fused, ratio). On CUDA it adds the fused step captured in a CUDA graph and replayed:
 the device time of its kernels without Python's per-launch cost, which at B=128 dominates eager.
 """
 
@@ -18,9 +18,9 @@ from vdm_fast import ops
 from vdm_fast.reference import schedule as ref
 
 try:
-    from benchmarks.common import header, table, time_fn
+    from benchmarks.common import header, table, time_fn, time_interleaved
 except ImportError:  # run as a script from the repository root
-    from common import header, table, time_fn
+    from common import header, table, time_fn, time_interleaved
 
 SIZES = (128, 1024, 65536)
 
@@ -71,8 +71,10 @@ def main():
     rows = []
     for B in SIZES:
         inputs = make_inputs(B, args.device)
-        reference = time_fn(lambda: step(ref.nnet, *inputs), args.device)
-        fused = time_fn(lambda: step(ops.gamma_nnet, *inputs), args.device)
+        timed = time_interleaved({"reference": lambda: step(ref.nnet, *inputs),
+                                  "fused": lambda: step(ops.gamma_nnet, *inputs)}, args.device,
+                                 rounds=5 if B <= 1024 else 1)
+        reference, fused = timed["reference"], timed["fused"]
         rows.append({"B": B, "reference us": f"{reference * 1e6:.0f}", "fused us": f"{fused * 1e6:.0f}",
                      "speed-up": f"{reference / fused:.1f}x"})
         if args.device.startswith("cuda"):

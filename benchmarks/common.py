@@ -42,6 +42,16 @@ def time_fn(fn, device, min_time=0.5, max_reps=50):
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, device, rounds=5, min_time=0.2):
+    """``{name: median seconds per call}`` over ``rounds`` rounds that time each function in turn:
+    on a shared machine whose speed drifts, every function sees the same conditions."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, min_time=min_time))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def copy_bandwidth(device, nbytes=1 << 28):
     """Measured device-memory copy bandwidth in GB/s (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
