@@ -109,7 +109,7 @@ def test_attention_block_rejects():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads, d", [(1, 128), (2, 64), (4, 64), (8, 32), (1, 256)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_attention_block_matches_reference(heads, d, dtype):
     """On the card the products run on the tensor cores in the input dtype (bf16) or in full
     float32: both against the float32 reference on the same (rounded) inputs."""
@@ -126,3 +126,31 @@ def test_cuda_attention_block_matches_reference(heads, d, dtype):
     for a, b in zip(*outs):
         assert a.dtype == dtype
         assert_close(a.cpu(), b, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_unet_matches_reference_under_autocast(dtype):
+    """The U-Net as training runs it on a card: channels_last, autocast, every GroupNorm and
+    attention block on the fused kernels, against the same net on the reference ops."""
+    torch.manual_seed(0)
+    net = vnn.ScoreUNet(in_channels=3, n_embd=64, n_layer=1, dropout=0.0, attention="all").cuda()
+    for p in net.parameters():  # off the zero init, so every block matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    net = net.to(memory_format=torch.channels_last)
+    z = torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    gamma = torch.tensor([-10.0, -3.0, 0.0, 4.0], device="cuda")
+    results = {}
+    for impl in ("reference", "fused"):
+        net.set_ops(impl)
+        net.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            out = net(z, gamma)
+        out.float().square().sum().backward()
+        results[impl] = (out.float(), {n: p.grad.float().clone() for n, p in net.named_parameters()})
+    (ref_out, ref_grads), (out, grads) = results["reference"], results["fused"]
+    assert_close(out, ref_out, RTOL[dtype] * 3, "output")
+    atol = RTOL[dtype] * max(g.abs().max().item() for g in ref_grads.values())
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, RTOL[dtype] * 5, name, atol=atol)

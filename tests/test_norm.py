@@ -88,7 +88,7 @@ def test_public_op_validates_and_matches_reference_on_cpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_cuda_group_norm_matches_reference(dtype, layout):
     x, weight, bias, c = _inputs(8, 128, 32, 32, torch.float32, True)
