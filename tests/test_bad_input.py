@@ -73,3 +73,19 @@ def test_model_rejects():
         vnn.ScoreUNet(attention="everywhere")
     with pytest.raises(ValueError, match=r"z must be \[B, 1, H, W\]"):
         model.score_net(torch.randn(2, 3, 4, 4), torch.zeros(2))
+
+
+@pytest.mark.parametrize("op", ["gamma_nnet", "reconstruction_loss"])
+def test_second_derivatives_are_refused_by_name(op):
+    """The ops have first derivatives only: create_graph=True through them must fail clearly,
+    not warn and hand back zero second derivatives."""
+    if op == "gamma_nnet":
+        params = [torch.randn(1, 1), torch.randn(1), torch.randn(8, 1), torch.randn(8), torch.randn(1, 8)]
+        params = [p.requires_grad_() for p in params]
+        out = ops.gamma_nnet(torch.rand(B), *params)[0].sum()
+    else:
+        params = [good()["eps_0"].requires_grad_()]
+        out = ops.reconstruction_loss(good()["x"], params[0], good()["gamma_0"]).sum()
+    with pytest.raises(RuntimeError, match=f"vdm_fast::{op}_backward is not differentiable"):
+        torch.autograd.grad(out, params, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(out, params))  # first derivatives still work

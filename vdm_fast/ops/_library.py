@@ -22,9 +22,20 @@ class KernelOp:
         _LIB.impl(name, kernel, "CompositeExplicitAutograd")
         self.name = f"vdm_fast::{name}"
         self.overload = getattr(torch.ops.vdm_fast, name).default
+        # Until register_autograd gives it a formula, the op refuses to be differentiated (the
+        # backward ops: no double backward) rather than torch's fallback warning and zeros.
+        self._autograd = self._not_differentiable
+        _LIB.impl(name, lambda *args: self._autograd(*args), "Autograd")
 
     def __call__(self, *args):
         return self.overload(*args)
+
+    def _not_differentiable(self, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise RuntimeError(f"{self.name} is not differentiable: vdm_fast's ops have first derivatives only "
+                               "(no double backward, create_graph=True through them)")
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.overload(*args)
 
     def register_fake(self, fake):
         torch.library.register_fake(self.name, fake, lib=_LIB)
@@ -48,7 +59,7 @@ class KernelOp:
 
         Function.backward = staticmethod(backward)
         Function.__name__ = Function.__qualname__ = self.name.replace("::", "_")
-        _LIB.impl(self.name.split("::")[1], Function.apply, "Autograd")
+        self._autograd = Function.apply
 
 
 def kernel_op(name: str):
