@@ -49,7 +49,7 @@ cat "$out/device.txt"
 step build 180 build.log bash -c "VDM_FAST_CUDA=1 $py -m pip install -v --no-build-isolation --no-deps . \
     && $py -c 'import vdm_fast; print(vdm_fast.build_info())'"
 # -P: import the installed package (with its compiled _C), not the source tree in the cwd.
-step cuda-tests 150 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
+step cuda-tests 180 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
 for impl in triton cuda; do
     step "bench_schedule $impl" 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda --impl "$impl"
 done
