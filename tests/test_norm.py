@@ -60,11 +60,15 @@ def test_fused_group_norm_statistics_survive_a_large_mean(layout, poisoned):
     assert_close(y.double(), exact, 0.0, "y", atol=1e-3 * exact.abs().max().item())
 
 
-def test_fused_group_norm_reads_low_precision_and_writes_its_dtype():
-    x, weight, bias, _ = _inputs(2, 8, 4, 4, torch.float32, False)
-    y = fused(x.to(torch.bfloat16), weight, bias, None, 4, 1e-6, True)[0]
-    assert y.dtype == torch.bfloat16
-    assert_close(y, reference(x.to(torch.bfloat16).float(), weight, bias, 4, 1e-6, True), RTOL[torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_group_norm_reads_low_precision_and_writes_its_dtype(dtype, layout, poisoned):
+    poisoned(triton_norm)
+    x, weight, bias, c = _inputs(2, 8, 4, 4, torch.float32, True)
+    x = x.to(dtype).contiguous(memory_format=layout)
+    y = fused(x, weight, bias, c.to(dtype), 4, 1e-6, True)[0]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+    assert_close(y, reference(x.float(), weight, bias, 4, 1e-6, True, c.to(dtype).float()), RTOL[dtype])
 
 
 def test_fused_group_norm_opcheck():
