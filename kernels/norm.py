@@ -23,7 +23,7 @@ TILE = 2048  # elements per tile: channels-in-group x pixels
 
 
 @triton.jit
-def _tile(b, g, c0, p0, C, HW, G, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _tile(g, c0, p0, C, HW, G, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Channel indices ``[BLOCK_C]``, pixel indices ``[BLOCK_P]``, their masks and the 2-d mask."""
     cc = c0 + tl.arange(0, BLOCK_C)
     c_mask = cc < C // G
@@ -67,7 +67,7 @@ def _gn_fwd(x_ptr, w_ptr, b_ptr, cond_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, G, 
     lane_n = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for c0 in range(0, cpg, BLOCK_C):
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(b, g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             lane_n += mask.to(ACC)
             delta = v - lane_mean
@@ -79,11 +79,11 @@ def _gn_fwd(x_ptr, w_ptr, b_ptr, cond_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, G, 
     tl.store(mean_ptr + b * G + g, mean)
     tl.store(rstd_ptr + b * G + g, rstd)
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(b, g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
+        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
         scale = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None] * rstd
         shift = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None] - mean * scale
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(b, g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             out = v * scale + shift
             if SILU:
@@ -116,13 +116,13 @@ def _gn_bwd(dy_ptr, x_ptr, w_ptr, b_ptr, cond_ptr, mean_ptr, rstd_ptr, dx_ptr, d
     sum_dxhat = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     sum_dxhat_xhat = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(b, g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
+        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
         wc = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
         bc = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
         dw = tl.zeros((BLOCK_C,), dtype=ACC)
         dbias = tl.zeros((BLOCK_C,), dtype=ACC)
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(b, g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             xhat, dpre = _grad_pre(dy_ptr, v, mean, rstd, wc, bc, b, c, p, mask, s_b, s_c, s_p, SILU, ACC)
             dw += tl.sum(dpre * xhat, axis=1)
@@ -135,12 +135,12 @@ def _gn_bwd(dy_ptr, x_ptr, w_ptr, b_ptr, cond_ptr, mean_ptr, rstd_ptr, dx_ptr, d
     m1 = tl.sum(tl.sum(sum_dxhat, axis=1), axis=0) / n
     m2 = tl.sum(tl.sum(sum_dxhat_xhat, axis=1), axis=0) / n
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(b, g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
+        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
         wc = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
         bc = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
         dsum = tl.zeros((BLOCK_C,), dtype=ACC)
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(b, g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             xhat, dpre = _grad_pre(dy_ptr, v, mean, rstd, wc, bc, b, c, p, mask, s_b, s_c, s_p, SILU, ACC)
             dx = tl.where(mask, rstd * (dpre * wc - m1 - xhat * m2), 0.0)
