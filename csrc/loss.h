@@ -34,19 +34,29 @@ struct ReconElem {
   T dprec;  // d loss / d prec
 };
 
+// v* = the grid point nearest to latent z, clamped to the vocabulary: it has the largest logit.
+template <typename T>
+VDM_HD int recon_center(T z, int vocab) {
+  const T vf = std::round(((z + T(1)) * T(vocab) - T(1)) * T(0.5));
+  // !(vf >= 0) also catches NaN: the NaN then flows through the arithmetic, not the indexing.
+  return !(vf >= T(0)) ? 0 : (vf > T(vocab - 1) ? vocab - 1 : static_cast<int>(vf));
+}
+
+// The window's half-width m (the same for every element of an example: it depends on prec
+// only). A point m steps away from v* lies at least (m - 1/2) steps from z, so its logit is at
+// least 0.5 prec step^2 m (m - 1) below l_{v*}; the window keeps every m with that gap < margin,
+// and m (m - 1) >= r^2 holds for m = ceil(r) + 1.
+template <typename T>
+VDM_HD int recon_half_width(T prec, int vocab) {
+  const T step = T(2) / T(vocab);
+  const T r = std::sqrt(T(2) * LogMargin<T>::value / prec) / step;
+  return r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
+}
+
 // The inclusive index range [lo, hi] of grid points that can matter for latent z.
-// v* = the grid point nearest to z (clamped to the vocabulary) has the largest logit. A point m
-// steps away from v* lies at least (m - 1/2) steps from z, so its logit is at least
-// 0.5 prec step^2 m (m - 1) below l_{v*}; the window keeps every m with that gap < margin.
 template <typename T>
 VDM_HD void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
-  const T step = T(2) / T(vocab);
-  T vf = std::round(((z + T(1)) * T(vocab) - T(1)) * T(0.5));
-  // !(vf >= 0) also catches NaN: the NaN then flows through the arithmetic, not the indexing.
-  int v = !(vf >= T(0)) ? 0 : (vf > T(vocab - 1) ? vocab - 1 : static_cast<int>(vf));
-  // m (m - 1) >= r^2 holds for m = ceil(r) + 1.
-  const T r = std::sqrt(T(2) * LogMargin<T>::value / prec) / step;
-  const int m = r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
+  const int v = recon_center(z, vocab), m = recon_half_width(prec, vocab);
   *vstar = v;
   *lo = v - m < 0 ? 0 : v - m;
   *hi = v + m > vocab - 1 ? vocab - 1 : v + m;

@@ -14,13 +14,7 @@ T sign(T v) {
   return static_cast<T>((v > 0) - (v < 0));
 }
 
-// The hidden-unit loops: vectorised (vec_math.h), and cloned for AVX-512 and AVX2 with a
-// run-time pick, so one build is fast on current x86 CPUs and still runs on any.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VDM_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define VDM_CLONES
-#endif
+// The hidden-unit loops: vectorised (vec_math.h) and cloned per instruction set (VDM_CLONES).
 
 template <typename T>
 VDM_CLONES void forward_row(T t, const T* a2, const T* a3, const T* a23, const T* b2, int64_t n,
