@@ -141,8 +141,20 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, 
 UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
+def _meta(q, d: int) -> dict:
+    """Block shapes and launch options. The options come from ptxas's register and shared-memory
+    report for sm_90 and sm_80 (tests/compile_triton.py), not from timings. bf16/fp16 from
+    head_dim 128 and float32 always (its full-precision products run on the FMA units, in
+    registers) take 8 warps; with 4, the backward spilled up to 41 KB a thread. float32
+    pipelines 1 stage (2 at head_dim 256, the fewest spills): its default 3 stages of 256-wide
+    tiles need 196 KiB of shared memory, more than an A100's 163."""
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, UPCAST=UPCAST, num_warps=4)
+    if q.dtype == torch.float32:
+        meta.update(num_warps=8, num_stages=2 if block_d >= 256 else 1)
+    elif block_d >= 128:
+        meta["num_warps"] = 8
+    return meta
 
 
 def flash_attention_forward(q, k, v, scale):
@@ -150,8 +162,7 @@ def flash_attention_forward(q, k, v, scale):
     BH, N, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((BH, N), device=q.device, dtype=torch.float32)
-    _attn_fwd[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, o, lse, N, d, scale, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                             BLOCK_D=_block_d(d), UPCAST=UPCAST)
+    _attn_fwd[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, o, lse, N, d, scale, **_meta(q, d))
     return o, lse
 
 
@@ -160,7 +171,7 @@ def flash_attention_backward(do, q, k, v, o, lse, scale):
     BH, N, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O): [BH, N]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), UPCAST=UPCAST)
+    meta = _meta(q, d)
     _attn_bwd_dkdv[(triton.cdiv(N, BLOCK_N), BH)](q, k, v, do, lse, delta, dk, dv, N, d, scale, **meta)
     _attn_bwd_dq[(triton.cdiv(N, BLOCK_M), BH)](q, k, v, do, lse, delta, dq, N, d, scale, **meta)
     return dq, dk, dv

@@ -167,8 +167,10 @@ def _launch_config(x, num_groups):
     block_c = min(triton.next_power_of_2(C // num_groups), 64)
     block_p = max(1, min(triton.next_power_of_2(H * W), TILE // block_c))
     # Groups vary fastest across programs: neighbouring programs then read neighbouring channels
-    # of the same pixels, which in channels_last share cache lines.
-    return (num_groups, B), strides, {"BLOCK_C": block_c, "BLOCK_P": block_p}
+    # of the same pixels, which in channels_last share cache lines. A warp per 256 tile elements
+    # (Triton's layer-norm rule): with 4, ptxas spills the backward's tile sums (compile_triton.py).
+    meta = {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": min(max(block_c * block_p // 256, 1), 8)}
+    return (num_groups, B), strides, meta
 
 
 def group_norm_silu_forward(x, weight, bias, cond, num_groups, eps, silu):

@@ -156,8 +156,9 @@ def nnet_backward(t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma):
     n_j, n_i = triton.cdiv(n, BLOCK_N), triton.cdiv(tiles, tiles_per_program)
     acc = torch.empty((3, n_i, n), device=t.device, dtype=t.dtype)
     part = torch.empty((2, n_j, B), device=t.device, dtype=t.dtype)
+    # 8 warps: with 4, ptxas spills the float64 tile (compile_triton.py); float32 fits either way.
     _nnet_bwd[(n_j, n_i)](t, w2, b2, w3, grad_gamma, grad_dgamma, acc, part, B, n, tiles_per_program,
-                          BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
+                          BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, num_warps=8)
     grads = [torch.empty_like(x) for x in (t, w1, b1, w2, b2, w3)]
     _nnet_bwd_finish[(n_j + tiles + 1,)](t, w1, w2, w3, grad_gamma, grad_dgamma, acc, part, *grads, B, n, n_i, n_j,
                                          BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_SUM=BLOCK_SUM)

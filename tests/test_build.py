@@ -1,5 +1,6 @@
 """The build: the package without its extension, the extension's build report, backend choice."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -58,3 +59,18 @@ def test_backend_reference_forces_the_reference(monkeypatch):
     monkeypatch.setenv("VDM_FAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="VDM_FAST_BACKEND"):
         ops.reconstruction_loss(x, eps, g)
+
+
+def test_every_triton_kernel_compiles_for_the_card():
+    """Code generation for sm_90 (H100/H200) of every kernel variant the ops launch, on this
+    GPU-less machine: ptxas, tensor-core dots, reductions and the shared-memory limit are checked
+    here, before a card ever runs them (tests/compile_triton.py; numbers are the CUDA tests')."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_triton.py")
+    out = subprocess.run([sys.executable, "-P", script, "--arch", "90"], capture_output=True, text=True, env=env,
+                         cwd="/", timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.strip().splitlines()[-1].endswith("for sm_90, 0 failed"), out.stdout[-2000:]
