@@ -5,6 +5,7 @@ pure-PyTorch reference, and one warning says so.
 """
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -51,6 +52,19 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_kernels(family: str):
+    """``vdm_fast.kernels.<family>``, imported on first use: importing triton is slow, and the
+    CPU paths never need it."""
+    return importlib.import_module(f"vdm_fast.kernels.{family}")
+
+
+def cuda_stream(t) -> int:
+    """The handle of the current CUDA stream on ``t``'s device: the compiled kernels launch on it."""
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def has_cpu_kernels() -> bool:

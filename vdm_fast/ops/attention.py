@@ -9,6 +9,7 @@ added in that GEMM's epilogue. CUDA tensors of float32, bfloat16 or float16 take
 everything else runs the reference.
 """
 
+import functools
 import math
 
 import torch
@@ -21,11 +22,7 @@ from vdm_fast.ops._library import kernel_op
 from vdm_fast.ops.norm import _group_norm_silu
 from vdm_fast.reference import attention as ref
 
-
-def _triton():
-    from vdm_fast.kernels import attention  # imported on first use: triton is slow to import
-
-    return attention
+_triton = functools.partial(_ext.triton_kernels, "attention")
 
 
 @kernel_op("flash_attention")

@@ -15,6 +15,7 @@ The public functions validate their inputs, flatten ``[B, ...]`` to ``[B, D]`` a
 ops with the per-example ``[B]`` weights, which cost nothing next to the ``B x D`` passes.
 """
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -45,10 +46,7 @@ def _addr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _triton():
-    from vdm_fast.kernels import loss  # imported on first CUDA use: triton is slow to import
-
-    return loss
+_triton = functools.partial(_ext.triton_kernels, "loss")
 
 
 # --- vdm_fast::diffuse ------------------------------------------------------------------------
@@ -185,7 +183,7 @@ def _launch_recon(kind: str, x: Tensor, eps_0: Tensor, gamma_0: Tensor, *buffers
     args = (x.data_ptr(), xtype, eps_0.data_ptr(), gamma_0.data_ptr(), *buffers, *eps_0.shape,
             vocab_size, _name(eps_0.dtype))
     if eps_0.is_cuda:
-        getattr(_ext._C, f"recon_{kind}_cuda")(*args, torch.cuda.current_stream(eps_0.device).cuda_stream)
+        getattr(_ext._C, f"recon_{kind}_cuda")(*args, _ext.cuda_stream(eps_0))
     else:
         getattr(_ext._C, f"recon_{kind}_cpu")(*args)
 

@@ -6,6 +6,7 @@ tensors only under ``TRITON_INTERPRET=1`` (the tests). Elsewhere ``group_norm_si
 reference composition, which on the CPU is what PyTorch's own group_norm kernel does anyway.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -16,11 +17,7 @@ from vdm_fast.ops import _checks
 from vdm_fast.ops._library import kernel_op
 from vdm_fast.reference import norm as ref
 
-
-def _triton():
-    from vdm_fast.kernels import norm  # imported on first use: triton is slow to import
-
-    return norm
+_triton = functools.partial(_ext.triton_kernels, "norm")
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

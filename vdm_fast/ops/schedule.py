@@ -6,6 +6,7 @@ takes upstream gradients of both and returns the gradients of ``t`` and of the f
 in one more pass, analytically: no autograd graph of the network and no double backward.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,17 +20,10 @@ from vdm_fast.reference import schedule as ref
 PARAMS = ("w1", "b1", "w2", "b2", "w3")
 
 
-def _triton():
-    from vdm_fast.kernels import schedule  # imported on first CUDA use: triton is slow to import
-
-    return schedule
+_triton = functools.partial(_ext.triton_kernels, "schedule")
 
 
 _name = _ext.dtype_name
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 @kernel_op("gamma_nnet")
@@ -40,7 +34,7 @@ def _gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: T
     gamma, dgamma = torch.empty_like(t), torch.empty_like(t)
     args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], _name(t.dtype)]
     if t.is_cuda:
-        _ext._C.nnet_forward_cuda(*args, _stream(t))
+        _ext._C.nnet_forward_cuda(*args, _ext.cuda_stream(t))
     else:
         _ext._C.nnet_forward_cpu(*args)
     return gamma, dgamma
@@ -61,7 +55,7 @@ def _gamma_nnet_backward(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tens
     args = [x.data_ptr() for x in inputs + grads] + [t.shape[0], w2.shape[0]]
     if t.is_cuda:
         workspace = torch.zeros(_ext._C.nnet_backward_cuda_workspace(*args[-2:]), dtype=torch.uint8, device=t.device)
-        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t.dtype), _stream(t))
+        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t.dtype), _ext.cuda_stream(t))
     else:
         _ext._C.nnet_backward_cpu(*args, _name(t.dtype))
     return grads
