@@ -33,6 +33,29 @@ def _load_rows(ptr, base, offs_rows, mask_rows, offs_d, mask_d, d):
 
 
 @triton.jit
+def _rows(start, N, BLOCK: tl.constexpr):
+    """Token indices ``[start, start + BLOCK)`` and which of them exist."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < N
+
+
+@triton.jit
+def _load_kv(k_ptr, v_ptr, base, offs_n, mask_n, offs_d, mask_d, d):
+    return (_load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d),
+            _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d))
+
+
+@triton.jit
+def _load_query_grads(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, N, offs_m, mask_m, offs_d, mask_d, d):
+    """A query block's q and dO tiles with its saved log-sum-exp and rowsum(dO * O)."""
+    q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
+    do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
+    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _mm(a, b, UPCAST: tl.constexpr):
     """``a @ b`` in ``b``'s dtype (``a`` rounded to it), accumulated in float32. ``UPCAST``: the
     same rounded operands multiplied in float32, for Triton's CPU interpreter, whose products of
@@ -64,18 +87,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, d, scale, BLOCK_M: tl.cons
               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
-    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m, mask_d = offs_m < N, offs_d < d
+    offs_m, mask_m = _rows(m_blk * BLOCK_M, N, BLOCK_M)
+    offs_d, mask_d = _rows(0, d, BLOCK_D)
     q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
-        v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+        offs_n, mask_n = _rows(n0, N, BLOCK_N)
+        k, v = _load_kv(k_ptr, v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
         s = _mm(q, tl.trans(k), UPCAST) * scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -93,20 +113,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     n_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
-    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n, mask_d = offs_n < N, offs_d < d
-    k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
-    v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+    offs_n, mask_n = _rows(n_blk * BLOCK_N, N, BLOCK_N)
+    offs_d, mask_d = _rows(0, d, BLOCK_D)
+    k, v = _load_kv(k_ptr, v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, N, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
-        do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
-        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+        offs_m, mask_m = _rows(m0, N, BLOCK_M)
+        q, do, lse, delta = _load_query_grads(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, N, offs_m, mask_m,
+                                              offs_d, mask_d, d)
         p, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale, UPCAST)
         dv += _mm(tl.trans(p), do, UPCAST)
         dk += _mm(tl.trans(ds), q, UPCAST)
@@ -119,19 +134,14 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, N, d, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1)
     base = bh * N * d
-    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m, mask_d = offs_m < N, offs_d < d
-    q = _load_rows(q_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
-    do = _load_rows(do_ptr, base, offs_m, mask_m, offs_d, mask_d, d)
-    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    offs_m, mask_m = _rows(m_blk * BLOCK_M, N, BLOCK_M)
+    offs_d, mask_d = _rows(0, d, BLOCK_D)
+    q, do, lse, delta = _load_query_grads(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, N, offs_m, mask_m,
+                                          offs_d, mask_d, d)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k = _load_rows(k_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
-        v = _load_rows(v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
+        offs_n, mask_n = _rows(n0, N, BLOCK_N)
+        k, v = _load_kv(k_ptr, v_ptr, base, offs_n, mask_n, offs_d, mask_d, d)
         _, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask_m, mask_n, scale, UPCAST)
         dq += _mm(ds, k, UPCAST)
     _store_rows(dq_ptr, dq, base, offs_m, mask_m, offs_d, mask_d, d)

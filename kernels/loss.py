@@ -82,23 +82,27 @@ def diffuse_backward(grad, f, eps, gamma):
 # r = x - a_b y - c_b w, with y, w optional and a, c per example (absent: 1); see csrc/loss.h.
 
 @triton.jit
+def _scaled_term(t_ptr, coef_ptr, b, offs, mask, D, HAS_COEF: tl.constexpr, ACC: tl.constexpr):
+    """A chunk of one target operand and its product with the per-example coefficient (absent: 1)."""
+    t = tl.load(t_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
+    scaled = t
+    if HAS_COEF:
+        scaled = tl.load(coef_ptr + b).to(ACC) * t
+    return t, scaled
+
+
+@triton.jit
 def _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y: tl.constexpr, HAS_A: tl.constexpr,
               HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr):
     r = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
     y = tl.zeros_like(r)
     w = tl.zeros_like(r)
     if HAS_Y:
-        y = tl.load(y_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
-        if HAS_A:
-            r -= tl.load(a_ptr + b).to(ACC) * y
-        else:
-            r -= y
+        y, ay = _scaled_term(y_ptr, a_ptr, b, offs, mask, D, HAS_A, ACC)
+        r -= ay
     if HAS_W:
-        w = tl.load(w_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
-        if HAS_C:
-            r -= tl.load(c_ptr + b).to(ACC) * w
-        else:
-            r -= w
+        w, cw = _scaled_term(w_ptr, c_ptr, b, offs, mask, D, HAS_C, ACC)
+        r -= cw
     return r, y, w
 
 

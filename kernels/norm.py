@@ -23,14 +23,24 @@ TILE = 2048  # elements per tile: channels-in-group x pixels
 
 
 @triton.jit
-def _tile(g, c0, p0, C, HW, G, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Channel indices ``[BLOCK_C]``, pixel indices ``[BLOCK_P]``, their masks and the 2-d mask."""
+def _channels(g, c0, C, G, BLOCK_C: tl.constexpr):
+    """Group ``g``'s channel indices from its ``c0``-th, ``[BLOCK_C]``, and which exist."""
     cc = c0 + tl.arange(0, BLOCK_C)
-    c_mask = cc < C // G
-    c = g * (C // G) + cc
+    return g * (C // G) + cc, cc < C // G
+
+
+@triton.jit
+def _pixels(p0, HW, c_mask, BLOCK_P: tl.constexpr):
+    """Pixel indices ``[BLOCK_P]`` from ``p0`` and the tile's 2-d mask with the channel mask."""
     p = p0 + tl.arange(0, BLOCK_P)
-    mask = c_mask[:, None] & (p < HW)[None, :]
-    return c, p, c_mask, mask
+    return p, c_mask[:, None] & (p < HW)[None, :]
+
+
+@triton.jit
+def _affine(w_ptr, b_ptr, c, c_mask, ACC: tl.constexpr):
+    """The channels' weight and bias as ``[BLOCK_C, 1]`` columns."""
+    return (tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None],
+            tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None])
 
 
 @triton.jit
@@ -66,8 +76,9 @@ def _gn_fwd(x_ptr, w_ptr, b_ptr, cond_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, G, 
     lane_m2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     lane_n = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for c0 in range(0, cpg, BLOCK_C):
+        c, c_mask = _channels(g, c0, C, G, BLOCK_C)
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            p, mask = _pixels(p0, HW, c_mask, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             lane_n += mask.to(ACC)
             delta = v - lane_mean
@@ -79,11 +90,12 @@ def _gn_fwd(x_ptr, w_ptr, b_ptr, cond_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, G, 
     tl.store(mean_ptr + b * G + g, mean)
     tl.store(rstd_ptr + b * G + g, rstd)
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
-        scale = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None] * rstd
-        shift = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None] - mean * scale
+        c, c_mask = _channels(g, c0, C, G, BLOCK_C)
+        wc, bc = _affine(w_ptr, b_ptr, c, c_mask, ACC)
+        scale = wc * rstd
+        shift = bc - mean * scale
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            p, mask = _pixels(p0, HW, c_mask, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             out = v * scale + shift
             if SILU:
@@ -116,13 +128,12 @@ def _gn_bwd(dy_ptr, x_ptr, w_ptr, b_ptr, cond_ptr, mean_ptr, rstd_ptr, dx_ptr, d
     sum_dxhat = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     sum_dxhat_xhat = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
-        wc = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
-        bc = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
+        c, c_mask = _channels(g, c0, C, G, BLOCK_C)
+        wc, bc = _affine(w_ptr, b_ptr, c, c_mask, ACC)
         dw = tl.zeros((BLOCK_C,), dtype=ACC)
         dbias = tl.zeros((BLOCK_C,), dtype=ACC)
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            p, mask = _pixels(p0, HW, c_mask, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             xhat, dpre = _grad_pre(dy_ptr, v, mean, rstd, wc, bc, b, c, p, mask, s_b, s_c, s_p, SILU, ACC)
             dw += tl.sum(dpre * xhat, axis=1)
@@ -135,12 +146,11 @@ def _gn_bwd(dy_ptr, x_ptr, w_ptr, b_ptr, cond_ptr, mean_ptr, rstd_ptr, dx_ptr, d
     m1 = tl.sum(tl.sum(sum_dxhat, axis=1), axis=0) / n
     m2 = tl.sum(tl.sum(sum_dxhat_xhat, axis=1), axis=0) / n
     for c0 in range(0, cpg, BLOCK_C):
-        c, p, c_mask, mask = _tile(g, c0, 0, C, HW, G, BLOCK_C, BLOCK_P)
-        wc = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
-        bc = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
+        c, c_mask = _channels(g, c0, C, G, BLOCK_C)
+        wc, bc = _affine(w_ptr, b_ptr, c, c_mask, ACC)
         dsum = tl.zeros((BLOCK_C,), dtype=ACC)
         for p0 in range(0, HW, BLOCK_P):
-            c, p, c_mask, mask = _tile(g, c0, p0, C, HW, G, BLOCK_C, BLOCK_P)
+            p, mask = _pixels(p0, HW, c_mask, BLOCK_P)
             v = _load_input(x_ptr, cond_ptr, b, c, p, c_mask, mask, C, s_b, s_c, s_p, HAS_COND, ACC)
             xhat, dpre = _grad_pre(dy_ptr, v, mean, rstd, wc, bc, b, c, p, mask, s_b, s_c, s_p, SILU, ACC)
             dx = tl.where(mask, rstd * (dpre * wc - m1 - xhat * m2), 0.0)

@@ -117,7 +117,7 @@ def launch_all():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for d in (32, 64, 128, 256):  # head dims 32..256: every BLOCK_D
             q = torch.randn(2, 40, d, dtype=dtype)
-            o, lse = attention.flash_attention_forward(q, q, q, d ** -0.5)
+            attention.flash_attention_forward(q, q, q, d ** -0.5)
             attention.flash_attention_backward(q, q, q, q, q, torch.zeros(2, 40), d ** -0.5)
         w, b = torch.randn(128), torch.randn(128)
         for layout in (torch.contiguous_format, torch.channels_last):
@@ -125,7 +125,7 @@ def launch_all():
                 x = torch.randn(B, 128, size, size, dtype=dtype).contiguous(memory_format=layout)
                 for cond in (None, torch.randn(B, 128, dtype=dtype)):
                     for silu in (True, False):
-                        y, mean, rstd = norm.group_norm_silu_forward(x, w, b, cond, groups, 1e-6, silu)
+                        norm.group_norm_silu_forward(x, w, b, cond, groups, 1e-6, silu)
                         norm.group_norm_silu_backward(x, x, w, b, cond, torch.zeros(B, groups),
                                                       torch.ones(B, groups), groups, silu)
 
@@ -139,7 +139,7 @@ def main():
         text = inspect.getsource(module)
         for name, value in vars(module).copy().items():
             # The launched kernels (``name[grid](...)`` in the module), not the jit helpers they call.
-            if isinstance(value, triton.runtime.jit.JITFunction) and f"{name}[" in text:
+            if isinstance(value, triton.runtime.jit.JITFunction) and re.search(rf"(?<!\w){name}\[", text):
                 launched.append((module, name, value))
                 setattr(module, name, Recorder(value, calls))
     launch_all()
