@@ -5,8 +5,7 @@
 
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
+#include "cuda_check.h"
 
 namespace vdm {
 namespace {
@@ -64,11 +63,6 @@ recon_backward_kernel(const void* x, const T* eps, const T* gamma, const T* grad
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) grad_gamma[b] = go * acc;
-}
-
-void check_launch(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace

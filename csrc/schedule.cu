@@ -10,8 +10,7 @@
 
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
+#include "cuda_check.h"
 
 namespace vdm {
 namespace {
@@ -187,11 +186,6 @@ nnet_backward_kernel(const T* t, const T* w1, const T* w2, const T* b2, const T*
     grad_w1[0] = sgn(w1[0]) * s_w1;
     *counter = 0;  // ready for the next call
   }
-}
-
-void check_launch(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace
