@@ -1,4 +1,4 @@
-// Reconstruction loss of VDM (shared/DESIGN.md section 2), the per-element math shared by the
+// Reconstruction loss of VDM (docs/design.md, "The math"), the per-element math shared by the
 // C++ CPU kernels (loss.cpp) and the CUDA kernels (loss.cu).
 //
 // For an element with data value x, rescaled latent z = f + exp(gamma/2) eps and precision
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define VDM_HD __host__ __device__ __forceinline__
@@ -67,6 +68,12 @@ VDM_HD T grid_value(int v, int vocab) {
   return T(2 * v + 1) / T(vocab) - T(1);
 }
 
+// u_x = (x - v*) step, NaN for an invalid x (load_x's -1).
+template <typename T>
+VDM_HD T x_offset(int x, int vstar, T step) {
+  return x < 0 ? T(NAN) : T(x - vstar) * step;
+}
+
 // Loss of one element and, if want_grad, its derivatives in z and prec.
 // Everything is measured from the window's centre c* = c_{v*}: w = z - c*, u_v = c_v - c* =
 // (v - v*) step (exact). Then l_v - l_{v*} = prec u_v (w - u_v / 2), and with E over p(v | z):
@@ -93,7 +100,7 @@ VDM_HD ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
       s2 += e * u * u;
     }
   }
-  const T ux = T(x - vstar) * step;
+  const T ux = x_offset<T>(x, vstar, step);
   ReconElem<T> r;
   r.loss = static_cast<T>(std::log(s0)) + T(0.5) * prec * ux * (ux - T(2) * w);
   const T mean_u = static_cast<T>(s1 / s0);
@@ -105,9 +112,21 @@ VDM_HD ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
 // Element dtypes accepted for x (the images); the latents are float or double.
 enum class XType : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloat64 = 4 };
 
+// The data value of element i, or -1 when it is not an integer in [0, vocab): the callers
+// turn -1 into a NaN u_x, so the example's loss and gradients are NaN. The ops check the
+// values in eager mode; this is what stands where they cannot (torch.compile, CUDA graphs),
+// so an out-of-range or fractional image can never yield a plausible wrong number.
 template <typename X>
-VDM_HD int load_x(const void* x, int64_t i) {
-  return static_cast<int>(static_cast<const X*>(x)[i]);
+VDM_HD int load_x(const void* x, int64_t i, int vocab) {
+  const X v = static_cast<const X*>(x)[i];
+  if constexpr (std::is_floating_point<X>::value) {
+    // Written so that NaN fails: every comparison with NaN is false.
+    const bool ok = v >= X(0) && v < X(vocab) && v == std::floor(v);
+    return ok ? static_cast<int>(v) : -1;
+  } else {
+    const int64_t w = static_cast<int64_t>(v);  // widened first: uint8(256) would be 0
+    return (w >= 0 && w < vocab) ? static_cast<int>(w) : -1;
+  }
 }
 
 // Calls f with a null X* for the element type of x, so f can name X.

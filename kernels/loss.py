@@ -169,7 +169,11 @@ def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.cons
     g = tl.load(gamma_ptr + b)
     prec, scale = tl.exp(-g), tl.exp(0.5 * g)
     step = 2.0 / vocab
-    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0).to(tl.int32)
+    # x not an integer in [0, vocab) (unchecked inside torch.compile) makes u_x, and so the
+    # example's loss and gradients, NaN (load_x in csrc/loss.h). NaN fails every comparison.
+    xf = tl.load(x_ptr + b * D + offs, mask=mask, other=0).to(tl.float64)
+    x_ok = (xf >= 0) & (xf < vocab) & (xf == tl.floor(xf))
+    x = tl.where(x_ok, xf, 0.0).to(tl.int32)
     eps = tl.load(eps_ptr + b * D + offs, mask=mask, other=0.0)
     z = (2 * x + 1).to(g.dtype) / vocab - 1.0 + scale * eps
     vf = tl.floor(((z + 1.0) * vocab - 1.0) * 0.5 + 0.5)
@@ -180,7 +184,8 @@ def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.cons
     # The window [vstar - half, vstar + half], or the whole vocabulary when that is smaller.
     n_win = tl.minimum(2 * half + 1, vocab)
     base = tl.where(2 * half + 1 >= vocab, 0, vstar - half)
-    return b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base
+    ux = tl.where(x_ok, (x - vstar).to(g.dtype) * step, float("nan"))
+    return b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base
 
 
 @triton.jit
@@ -202,10 +207,9 @@ def _recon_sums(prec, step, vstar, w, n_win, base, vocab, WANT_GRAD: tl.constexp
 @triton.jit
 def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, n_chunks, vocab, log_margin,
                BLOCK: tl.constexpr):
-    b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base = _recon_setup(
+    b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
     s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, False)
-    ux = (x - vstar).to(w.dtype) * step
     loss = tl.log(s0).to(w.dtype) + 0.5 * prec * ux * (ux - 2.0 * w)
     tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum(tl.where(mask, loss, 0.0).to(tl.float64)))
 
@@ -213,10 +217,9 @@ def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, n_chunks, vocab, log_marg
 @triton.jit
 def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, n_chunks, vocab,
                log_margin, BLOCK: tl.constexpr):
-    b, offs, mask, prec, scale, step, x, eps, vstar, w, n_win, base = _recon_setup(
+    b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
     s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, True)
-    ux = (x - vstar).to(w.dtype) * step
     mean_u = (s1 / s0).to(w.dtype)
     dz = prec * (mean_u - ux)
     dprec = w * (mean_u - ux) + 0.5 * (ux * ux - (s2 / s0).to(w.dtype))

@@ -422,3 +422,65 @@ def test_cuda_loss_ops_match_reference(impl, gamma, shape, monkeypatch, poisoned
         fused = _grads(ops.diffusion_loss, (e.cuda(), eh.cuda(), dg.cuda()), torch.ones(B, device="cuda"))
         for a, b in zip(fused, truth):
             assert_close(a.cpu(), b, RTOL[low] if a.dtype == low else RTOL[torch.float32] * 10)
+
+
+# --- gamma in any shape that broadcasts to the batch, and the dtype rule ------------------------
+
+def _gamma_forms(values: torch.Tensor):
+    """``values [B]`` as other code holds it: ``[B]``, ``[B, 1, 1, 1]``; and, when all equal, a
+    Python number, a 0-d tensor and ``[1]``."""
+    B = values.shape[0]
+    forms = {"[B]": values.clone(), "[B,1,1,1]": values.reshape(B, 1, 1, 1).clone()}
+    if torch.all(values == values[0]):
+        forms.update({"number": values[0].item(), "0-d": values[0].clone(), "[1]": values[:1].clone()})
+    return forms
+
+
+@pytest.mark.parametrize("op", ["diffuse", "diffusion_loss", "diffusion_loss_v", "discrete", "prior", "recon"])
+def test_every_gamma_argument_takes_any_shape_that_broadcasts_to_the_batch(op):
+    B = 3
+    x = torch.randint(0, 256, (B, 2, 4, 4))
+    f = ops.encode(x)
+    eps, pred, eps_0 = (torch.randn(B, 2, 4, 4) for _ in range(3))
+    shared = torch.full((B,), -4.5)  # one value for the batch: every form applies
+    calls = {
+        "diffuse": lambda g: ops.diffuse(f, eps, g),
+        "diffusion_loss": lambda g: ops.diffusion_loss(eps, pred, g),
+        "diffusion_loss_v": lambda g: ops.diffusion_loss(eps, pred, torch.ones(B), prediction="v", x=f, gamma_t=g),
+        "discrete": lambda g: ops.diffusion_loss_discrete(eps, pred, torch.full((B,), -2.0), g, 10),
+        "prior": lambda g: ops.prior_loss(f, g),
+        "recon": lambda g: ops.reconstruction_loss(x, eps_0, g),
+    }
+    for values in (shared, torch.tensor([-6.0, -4.5, -3.0])):
+        expected = calls[op](values)
+        for form, gamma in _gamma_forms(values).items():
+            if isinstance(gamma, torch.Tensor):
+                gamma.requires_grad_(True)
+            out = calls[op](gamma)
+            assert_close(out, expected, 1e-6, f"{op}, gamma as {form}")
+            if isinstance(gamma, torch.Tensor):  # gradients come back in the caller's shape
+                out.sum().backward()
+                leaf = values.clone().requires_grad_(True)
+                calls[op](leaf).sum().backward()
+                assert gamma.grad.shape == gamma.shape
+                assert_close(gamma.grad.sum(), leaf.grad.sum(), 1e-5, f"{op}, gradient of gamma as {form}")
+    with pytest.raises(ValueError, match="one value per example"):
+        calls[op](torch.zeros(B, 4))
+
+
+def test_a_float64_gamma_never_promotes_float32_data():
+    B = 2
+    f, eps, pred = (torch.randn(B, 8) for _ in range(3))
+    g = torch.randn(B, dtype=torch.float64)
+    assert ops.diffuse(f, eps, g).dtype == torch.float32
+    assert ops.diffusion_loss(eps, pred, g.exp()).dtype == torch.float32
+    assert ops.prior_loss(f, g).dtype == torch.float32
+    assert ops.reconstruction_loss(torch.randint(0, 256, (B, 8)), eps, g - 5).dtype == torch.float32
+    assert ops.diffuse(f.double(), eps.double(), g.float()).dtype == torch.float64
+
+
+def test_encode_is_exported_and_refuses_float_images_with_the_conversion():
+    x = torch.randint(0, 256, (2, 5))
+    assert torch.equal(ops.encode(x), (2 * x.float() + 1) / 256 - 1)
+    with pytest.raises(ValueError, match=r"\(img \* 255\).round\(\)"):
+        ops.encode(torch.rand(2, 5))

@@ -1,5 +1,10 @@
 """Input validation at the op boundary: a bad input raises before any kernel runs, with a
-message that names the argument and says what was expected (shared/DESIGN.md section 3)."""
+message that names the argument and says what was expected (docs/design.md, "Checks").
+
+Shapes, dtypes and devices are checked on every call, traced or not. Checks of the *values*
+(images in range, times in [0, 1]) read data, which needs a host sync: they run in eager mode
+and are skipped inside ``torch.compile`` and CUDA-graph capture, where the kernels themselves
+turn an invalid value into NaN instead (``reconstruction_loss``), so it cannot pass unnoticed."""
 
 import math
 
@@ -7,15 +12,45 @@ import torch
 from torch import Tensor
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Integer dtypes images may come in (unsigned 16/32/64-bit ints have too few torch kernels).
+IMAGE_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# The largest vocabulary the kernels take: their per-element sums stay exact up to 2^16 levels.
+MAX_VOCAB = 2**16
 
 
 def tensor(name: str, value, *, floating: bool = False) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor, which holds no data; pass a CPU or CUDA tensor")
     if floating and value.dtype not in FLOATS:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got {value.dtype}")
     return value
+
+
+def parameters(named, like_name: str, like: Tensor) -> torch.dtype:
+    """Floating tensors ``[(name, tensor, shape), ...]`` of the given shapes on ``like``'s device,
+    all of one dtype, float64 exactly when ``like`` is (low-precision ``like`` under autocast may
+    meet float32 weights); returns that dtype."""
+    dtype = None
+    for name, value, shape in named:
+        tensor(name, value, floating=True)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+        same_device(name, value, like_name, like)
+        if dtype is None:
+            dtype, first = value.dtype, name
+        elif value.dtype != dtype:
+            raise TypeError(f"{name} is {value.dtype} but {first} is {dtype}: the weights must share one dtype")
+    if dtype is not None and (dtype == torch.float64) != (like.dtype == torch.float64):
+        raise TypeError(f"{like_name} is {like.dtype} but the weights are {dtype}: float64 must be used for both "
+                        "or neither")
+    return dtype
+
+
+def positive_int(name: str, value) -> int:
+    return finite_number(name, value, positive=True, integer=True)
 
 
 def batch(name: str, value: Tensor) -> int:
@@ -38,13 +73,26 @@ def same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
 
 
-def per_example(name: str, value, B: int, like_name: str, like: Tensor) -> Tensor:
-    """A ``[B]`` floating tensor of per-example values on ``like``'s device."""
+def per_example(name: str, value, B: int, like_name: str, like: Tensor, *, broadcast: bool = True) -> Tensor:
+    """One value per example as a ``[B]`` floating tensor on ``like``'s device.
+
+    With ``broadcast`` (the gamma arguments) anything that broadcasts to one value per example
+    is taken, as other code produces it: a Python number, a 0-d or ``[1]`` tensor, ``[B]``, or
+    ``[B, 1, ..., 1]``. The result is a view (``reshape``/``expand``), so gradients flow back to
+    the original shape and no data is copied. Without it, exactly ``[B]``."""
+    if broadcast and isinstance(value, (int, float)) and not isinstance(value, bool):
+        finite_number(name, value)
+        return torch.full((B,), float(value), dtype=like.dtype if like.is_floating_point() else torch.float32,
+                          device=like.device)
     tensor(name, value, floating=True)
-    if value.shape != (B,):
-        raise ValueError(f"{name} must hold one value per example, shape ({B},), got {tuple(value.shape)}")
     same_device(name, value, like_name, like)
-    return value
+    shape = tuple(value.shape)
+    if shape == (B,):
+        return value
+    if broadcast and all(s == 1 for s in shape[1:]) and (len(shape) == 0 or shape[0] in (1, B)):
+        return value.reshape(-1).expand(B)
+    accepted = f"({B},), a number, () or (1,), or ({B}, 1, ..., 1)" if broadcast else f"({B},)"
+    raise ValueError(f"{name} must hold one value per example, shape {accepted}, got {shape}")
 
 
 def finite_number(name: str, value, *, positive: bool = False, integer: bool = False):
@@ -68,18 +116,31 @@ def values_readable(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def vocab(name: str, value) -> int:
+    positive_int(name, value)
+    if not 2 <= value <= MAX_VOCAB:
+        raise ValueError(f"{name} must be in [2, {MAX_VOCAB}], got {value}")
+    return value
+
+
 def images(name: str, x, vocab_size: int) -> Tensor:
     """Integer-valued images in ``[0, vocab_size)``, of an integer or floating dtype."""
     tensor(name, x)
     batch(name, x)
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name} must hold integer values of an integer or float dtype, got {x.dtype}")
+    if x.dtype not in IMAGE_INTS + FLOATS:
+        raise TypeError(f"{name} must hold integer values as {', '.join(str(d) for d in IMAGE_INTS)} or a float "
+                        f"dtype, got {x.dtype} (convert with x.long())")
     if x.numel() == 0 or not values_readable(x):
         return x
     lo, hi = (v.item() for v in torch.aminmax(x))  # Python numbers: no uint8 wrap-around
-    if lo < 0 or hi >= vocab_size:
+    if not (lo >= 0 and hi < vocab_size):  # written so that NaN fails too
+        hint = ""
+        if x.is_floating_point() and hi <= 1.0:
+            hint = (f"; images held as floats in [0, 1] or [-1, 1] convert with "
+                    f"((img + 1) / 2 * {vocab_size - 1}).round() or (img * {vocab_size - 1}).round()")
         raise ValueError(f"{name} must lie in [0, vocab_size) = [0, {vocab_size}), "
-                         f"got values in [{lo}, {hi}]")
+                         f"got values in [{lo}, {hi}]{hint}")
     if x.is_floating_point() and not torch.equal(x, torch.round(x)):
-        raise ValueError(f"{name} must be integer-valued (got a {x.dtype} tensor with fractional values)")
+        raise ValueError(f"{name} must be integer-valued (got a {x.dtype} tensor with fractional values; "
+                         f"images held as floats in [0, 1] convert with (img * {vocab_size - 1}).round())")
     return x

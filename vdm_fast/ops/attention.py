@@ -89,15 +89,16 @@ def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Te
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     C = x.shape[1]
-    if num_heads < 1 or C % num_heads:
+    _checks.positive_int("num_heads", num_heads)
+    _checks.positive_int("num_groups", num_groups)
+    _checks.finite_number("eps", eps, positive=True)
+    if C % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide the channels of x ({C})")
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    for name, p, shape in (("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
-                           ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))):
-        _checks.tensor(name, p, floating=True)
-        if tuple(p.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    _checks.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
+                        ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))],
+                       "x", x)
     if x.is_cuda and x.dtype != torch.float64 and _ext.has_triton() and not _ext.use_reference():
         return _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads,
                                       num_groups, eps)

@@ -16,7 +16,6 @@ ops with the per-example ``[B]`` weights, which cost nothing next to the ``B x D
 """
 
 import functools
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,7 +34,7 @@ _X_KERNEL_DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """Accumulate in float32, or float64 when an input is float64 (shared/DESIGN.md section 3)."""
+    """Accumulate in float32, or float64 when an input is float64 (docs/design.md, "Numerics")."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -248,8 +247,8 @@ def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     _checks.tensor("eps", eps, floating=True)
     _checks.same_shape("eps", eps, "f", f)
     _checks.same_device("eps", eps, "f", f)
-    _checks.per_example("gamma", gamma, B, "f", f)
-    dtype = _compute_dtype(f, eps, gamma)
+    gamma = _checks.per_example("gamma", gamma, B, "f", f)
+    dtype = _compute_dtype(f, eps)  # gamma's dtype never changes the output's
     f, eps, gamma = f.to(dtype), eps.to(dtype), gamma.to(dtype)
     if not _ext.fused_available(f.device):
         return ref.diffuse(f, eps, gamma)
@@ -287,17 +286,20 @@ def _prediction_error(eps: Tensor, pred: Tensor, prediction: str, x: Optional[Te
     (``vdm_fast.reference.parameterization.target_terms``): one fused pass, no conversion."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if prediction == "eps":
-        return _sum_squared_error(pred, eps)
     B = eps.shape[0]
-    if gamma_t is None:
-        raise ValueError(f"gamma_t is required for prediction={prediction!r}")
-    _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
-    if prediction in ("x", "v"):
-        if x is None:
-            raise ValueError(f"x (the encoded data) is required for prediction={prediction!r}")
+    # Checked whenever given, even where this prediction does not use them.
+    if gamma_t is not None:
+        gamma_t = _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
+    if x is not None:
         _checks.tensor("x", x, floating=True)
         _checks.same_shape("x", x, "eps", eps)
+        _checks.same_device("x", x, "eps", eps)
+    if prediction == "eps":
+        return _sum_squared_error(pred, eps)
+    if gamma_t is None:
+        raise ValueError(f"gamma_t is required for prediction={prediction!r}")
+    if prediction in ("x", "v") and x is None:
+        raise ValueError(f"x (the encoded data) is required for prediction={prediction!r}")
     dtype = _compute_dtype(eps)
     a, c, s2 = param.target_terms(prediction, gamma_t.to(dtype))
     if prediction == "x":  # the target is x itself: no coefficient to carry
@@ -316,7 +318,7 @@ def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, predictio
     float64 ``eps``).
     """
     B = _noise_pair(eps, eps_hat)
-    _checks.per_example("dgamma_dt", dgamma_dt, B, "eps", eps)
+    dgamma_dt = _checks.per_example("dgamma_dt", dgamma_dt, B, "eps", eps)
     error = _prediction_error(eps, eps_hat, prediction, x, gamma_t)
     return 0.5 * dgamma_dt.to(_compute_dtype(eps)) * error
 
@@ -327,8 +329,8 @@ def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma
     (``prediction`` and ``x`` as in ``diffusion_loss``)."""
     _checks.finite_number("T", T, positive=True, integer=True)
     B = _noise_pair(eps, eps_hat)
-    _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
-    _checks.per_example("gamma_s", gamma_s, B, "eps", eps)
+    gamma_t = _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
+    gamma_s = _checks.per_example("gamma_s", gamma_s, B, "eps", eps)
     dtype = _compute_dtype(eps)
     weight = 0.5 * T * torch.expm1(gamma_t.to(dtype) - gamma_s.to(dtype))
     return weight * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
@@ -342,7 +344,7 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     """
     _checks.tensor("f", f, floating=True)
     B = _checks.batch("f", f)
-    _checks.per_example("gamma_1", gamma_1, B, "f", f)
+    gamma_1 = _checks.per_example("gamma_1", gamma_1, B, "f", f)
     g = gamma_1.to(_compute_dtype(f))
     dims = f[0].numel()
     return 0.5 * torch.sigmoid(-g) * _sum_squared_error(f) + \
@@ -356,15 +358,13 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     ``eps_0``: the noise of ``z_0``, shape of ``x``. ``gamma_0``: ``gamma(0)`` per example ``[B]``.
     Gradients flow to ``eps_0`` and ``gamma_0``.
     """
-    _checks.finite_number("vocab_size", vocab_size, positive=True, integer=True)
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    _checks.vocab("vocab_size", vocab_size)
     _checks.tensor("eps_0", eps_0, floating=True)
     B = _checks.batch("eps_0", eps_0)
     _checks.images("x", x, vocab_size)
     _checks.same_shape("x", x, "eps_0", eps_0)
     _checks.same_device("x", x, "eps_0", eps_0)
-    _checks.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
+    gamma_0 = _checks.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
 
     dtype = _compute_dtype(eps_0)
     eps_0, gamma_0 = eps_0.to(dtype), gamma_0.to(dtype)
@@ -373,6 +373,17 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     if x.dtype not in _X_KERNEL_DTYPES:
         x = x.to(torch.float32 if x.is_floating_point() else torch.int32)
     return _reconstruction_loss(x.reshape(B, -1), eps_0.reshape(B, -1), gamma_0, vocab_size)
+
+
+def encode(x: Tensor, vocab_size: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Integer images ``[B, ...]`` in ``[0, vocab_size)`` to the model's data space
+    ``f = (2 x + 1) / vocab_size - 1``, checked: float images in ``[0, 1]`` are refused with the
+    conversion to use (``(img * 255).round()``)."""
+    _checks.vocab("vocab_size", vocab_size)
+    _checks.images("x", x, vocab_size)
+    if dtype not in _checks.FLOATS:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return ref.encode(x, vocab_size, dtype)
 
 
 class VLBTerms(NamedTuple):
@@ -398,6 +409,10 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
     _checks.finite_number("T", T, integer=True)
     if T < 0:
         raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
+    _noise_pair(eps, eps_hat)
+    _checks.images("x", x, _checks.vocab("vocab_size", vocab_size))
+    _checks.same_shape("x", x, "eps", eps)
+    _checks.same_device("x", x, "eps", eps)
     f = ref.encode(x, vocab_size, _compute_dtype(eps))
     if T == 0:
         if dgamma_dt is None:
@@ -409,5 +424,5 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
         diffusion = diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=f)
     reconstruction = reconstruction_loss(x, eps_0, gamma_0, vocab_size)
     prior = prior_loss(f, gamma_1)
-    bpd = (reconstruction + prior + diffusion) / (x[0].numel() * math.log(2.0))
+    bpd = ref.bits_per_dim(reconstruction + prior + diffusion, x[0].numel())
     return VLBTerms(reconstruction, prior, diffusion, bpd)

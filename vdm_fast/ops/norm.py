@@ -90,14 +90,16 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
-    if num_groups < 1 or C % num_groups:
+    _checks.positive_int("num_groups", num_groups)
+    if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    for name, p in (("weight", weight), ("bias", bias)):
-        _checks.tensor(name, p, floating=True)
-        if p.shape != (C,):
-            raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
-    if cond is not None and cond.shape != (B, C):
-        raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
+    _checks.finite_number("eps", eps, positive=True)
+    _checks.parameters([("weight", weight, (C,)), ("bias", bias, (C,))], "x", x)
+    if cond is not None:
+        _checks.tensor("cond", cond, floating=True)
+        if cond.shape != (B, C):
+            raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
+        _checks.same_device("cond", cond, "x", x)
     if x.is_cuda and _ext.has_triton() and not _ext.use_reference():
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)

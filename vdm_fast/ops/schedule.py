@@ -127,11 +127,14 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
     ``g`` runs once, fused, on ``[t, 0, 1]``; the normalisation is ``[B]``-sized arithmetic.
     """
+    _checks.tensor("t", t, floating=True)
     for name, p in (("gamma_0", gamma_0), ("gamma_1", gamma_1)):
         _checks.tensor(name, p, floating=True)
         if tuple(p.shape) != (1,):
             raise ValueError(f"{name} must have shape (1,), got {tuple(p.shape)}")
-    _checks.tensor("t", t, floating=True)
+        _checks.same_device(name, p, "t", t)
+        if p.dtype != t.dtype:
+            raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
     if t.dim() != 1:
         raise ValueError(f"t must be a 1-d tensor of times [B], got shape {tuple(t.shape)}")
     B = t.shape[0]
@@ -143,7 +146,7 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor,
                        endpoints: Optional[tuple] = None):
-    """Variance minimisation (shared/DESIGN.md section 2): the gradients of ``sum_i L_i^2`` with
+    """Variance minimisation (docs/design.md, "The math"): the gradients of ``sum_i L_i^2`` with
     respect to the network's parameters ``params = (w1, b1, w2, b2, w3)``, that is
     ``sum_i 2 L_i dL_i/d eta``, from each example's ``dL_i / d gamma_t`` (``grad_gamma``) and
     ``dL_i / d gamma'_t`` (``grad_dgamma``) and its diffusion loss ``L_i`` (``loss``, no gradient
@@ -151,7 +154,16 @@ def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tenso
 
     A trainer runs its ordinary VLB backward (which gives the endpoints their VLB gradient), then
     replaces the network parameters' gradients with these: one more fused forward and backward.
+    ``t``, ``grad_gamma``, ``grad_dgamma`` and ``loss`` are ``[B]``.
     """
+    _checks.tensor("t", t, floating=True)
+    B = _checks.batch("t", t)
+    for name, value in (("grad_gamma", grad_gamma), ("grad_dgamma", grad_dgamma), ("loss", loss)):
+        _checks.per_example(name, value, B, "t", t, broadcast=False)
+    if not isinstance(params, (tuple, list)) or len(params) != len(PARAMS):
+        raise TypeError(f"params must be the network's {len(PARAMS)} parameters {PARAMS}")
+    if endpoints is not None and (not isinstance(endpoints, (tuple, list)) or len(endpoints) != 2):
+        raise TypeError("endpoints must be a pair (gamma_0, gamma_1)")
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in params]
         if endpoints is None:

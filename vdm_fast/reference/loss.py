@@ -1,4 +1,4 @@
-"""The VDM variational bound in plain PyTorch (shared/DESIGN.md section 2).
+"""The VDM variational bound in plain PyTorch (docs/design.md, "The math").
 
 Shapes: data and noise are ``[B, ...]``; ``gamma`` arguments hold one value per example, ``[B]``.
 Every per-example loss returns ``[B]`` in nats. float64 inputs give float64 results.
@@ -78,7 +78,12 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
 
 def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int = 256) -> Tensor:
     """``-log p(x | z_0)`` per example, with ``z_0 / alpha_0 = f + exp(gamma_0 / 2) eps_0``."""
-    f = encode(x, vocab_size, eps_0.dtype)
+    # An x that is not an integer in [0, vocab) gives NaN (as the kernels do), not an error
+    # that a traced graph could not raise nor a wrong but plausible number.
+    wide = x if x.is_floating_point() else x.long()  # uint8 cannot hold vocab_size = 256
+    valid = (wide >= 0) & (wide < vocab_size) & (wide == torch.floor(wide))
+    x = torch.where(valid, wide, torch.zeros_like(wide))
+    f = torch.where(valid, encode(x, vocab_size, eps_0.dtype), torch.nan)  # NaN flows to the gradients too
     z0_rescaled = f + torch.exp(0.5 * _per_example(gamma_0, f)) * eps_0
     logprobs = torch.log_softmax(decoder_logits(z0_rescaled, gamma_0, vocab_size), dim=-1)
     nll = -torch.gather(logprobs, -1, x.long().unsqueeze(-1)).squeeze(-1)
