@@ -88,7 +88,7 @@ def test_cli_round_trip(tmp_path, digits):
     names = [n for n, _ in model.named_parameters()]
     checkpoint.save(tmp_path / "ck.pt", {"config": config.to_dict(cfg), "step": 0, "model": model.state_dict(),
                                          "ema": dict(zip(names, model.parameters())), "image_shape": [1, 8, 8],
-                                         "vocab_size": 17})
+                                         "vocab_size": 17, "num_classes": 0})
     images = digits[:5].permute(0, 2, 3, 1).numpy()
     np.save(tmp_path / "in.npy", images)
     args = ["--ckpt", str(tmp_path / "ck.pt")]

@@ -58,7 +58,7 @@ def test_config_errors_name_the_field(tmp_path):
         config.parse_args(["--config", str(f)])
     with pytest.raises(ValueError, match="needs --data-dir"):
         config.parse_args(["--data", "cifar10"])
-    with pytest.raises(ValueError, match="ema must be in"):
+    with pytest.raises(ValueError, match="ema must be < 1.0"):
         config.parse_args(["--ema", "1.5"])
     with pytest.raises(SystemExit):
         config.parse_args(["--schedule", "cosine"])
@@ -219,31 +219,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         train.train(cfg)
     state = params(tmp_path)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
-
-
-def test_two_gloo_processes_match_one_process(tmp_path):
-    args = [*TINY, "--steps", "6", "--dropout", "0", "--ckpt-every", "6", "--sample-n", "0"]
-    one = run_cli("vdm_fast.train", ["--out-dir", str(tmp_path / "one"), *args])
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "vdm_fast.train", "--out-dir", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, timeout=300, cwd="/",
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
-    # Same global batch, data, noise and updates: equal up to floating-point reassociation.
-    # Per step, the loss and the gradient norm agree to float32 rounding ...
-    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("one", "two")]
-    assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]] == [2, 4, 6]
-    for a, b in zip(*logs):
-        assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    # ... and so do the parameters as a whole. (Not each one: a bias that a GroupNorm right
-    # after it cancels has a gradient of pure rounding noise, which Adam scales to a full step.)
-    one, two = params(tmp_path / "one"), params(tmp_path / "two")
-    assert one["step"] == two["step"] == 6
-    flat = [torch.cat([v.flatten() for v in s["model"].values()]) for s in (one, two)]
-    assert ((flat[0] - flat[1]).norm() / flat[0].norm()).item() < 1e-4
 
 
 def test_conditional_training_with_other_targets_and_guided_sampling(tmp_path):

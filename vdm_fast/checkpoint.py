@@ -1,6 +1,17 @@
-"""Checkpoints of training runs: written atomically, read back with clear errors."""
+"""Checkpoints of training runs: written atomically, finite, checksummed; read back without
+running any code from the file.
 
+A checkpoint is a ``torch.save`` file of plain data (dicts, lists, numbers, strings, tensors)
+that ``torch.load(..., weights_only=True)`` reads: no pickled Python object is ever executed.
+It carries a SHA-256 of its own contents (``sha256``), checked on every load, so a flipped bit
+or a truncated copy is refused by name instead of loading changed weights. A state with a
+non-finite parameter, EMA value or optimiser moment is never written.
+"""
+
+import fcntl
+import hashlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -9,11 +20,16 @@ import torch
 from vdm_fast.config import MODEL_FIELDS, TrainConfig, resolve, to_dict
 from vdm_fast.nn import SCHEDULES, VDM, ScoreUNet
 
-FORMAT = "vdm_fast.checkpoint/1"
+# Version 2 added the content checksum and the weights-only format; version 1 files are refused.
+FORMAT = "vdm_fast.checkpoint/2"
+# What every checkpoint holds, with the type of each entry; and what resuming a run also needs.
+_REQUIRED = {"config": dict, "step": int, "model": dict, "ema": dict, "image_shape": list, "vocab_size": int,
+             "num_classes": int}
+_RESUMABLE = {"skipped_steps": int, "optimizer": dict}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not belong to this run."""
+    """A checkpoint is missing, damaged, unsafe, or does not belong to this run."""
 
 
 def build_model(cfg: TrainConfig, image_shape, vocab_size: int, num_classes: int = 0) -> VDM:
@@ -25,20 +41,76 @@ def build_model(cfg: TrainConfig, image_shape, vocab_size: int, num_classes: int
     net = ScoreUNet(in_channels=image_shape[0], n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                     dropout=cfg.dropout, attention=cfg.attention, gamma_min=cfg.gamma_min,
                     gamma_max=cfg.gamma_max, num_classes=classes)
-    schedule = SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max)
+    variance = cfg.schedule_objective == "variance"
+    schedule = (SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max, pinned=True) if variance
+                else SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max))
     return VDM(net, schedule, image_shape, vocab_size=vocab_size, antithetic=cfg.antithetic,
                prediction=cfg.prediction, weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
-               num_classes=classes, label_dropout=cfg.label_dropout)
+               num_classes=classes, label_dropout=cfg.label_dropout, schedule_objective=cfg.schedule_objective)
+
+
+def _digest(value, h) -> None:
+    """Feed a canonical encoding of plain data and tensors into the hash ``h``: the type of
+    every node, dict entries in key order, tensors by dtype, shape and bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _digest(key, h)
+            _digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest(item, h)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "sha256"}, h)
+    return h.hexdigest()
+
+
+def _tensors(value, prefix=""):
+    """``(name, tensor)`` of every tensor in nested plain data."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def first_non_finite(state: dict):
+    """The name of the first floating tensor of the model, EMA or optimiser that holds a NaN or
+    an infinity (None when all are finite)."""
+    for key in ("model", "ema", "optimizer"):
+        for name, t in _tensors(state.get(key, {}), key):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return name
+    return None
 
 
 def save(path: Path, state: dict) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it: a crash at any
-    moment leaves either the old checkpoint or the new one, never a torn file."""
+    moment leaves either the old checkpoint or the new one, never a torn file. A state with a
+    non-finite tensor is refused (``CheckpointError``) and the old checkpoint stays."""
     path = Path(path)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write {path}: {bad} holds non-finite values")
+    state = {"format": FORMAT, **state}
+    state["sha256"] = digest(state)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
+            torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -47,34 +119,93 @@ def save(path: Path, state: dict) -> None:
         raise
 
 
+def remove_stale_temporaries(path: Path) -> list:
+    """Delete the ``<name>.*.tmp`` files that a process killed inside ``save`` left beside
+    ``path`` (call it only while holding the run's lock); returns the names removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(path.name + ".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
 def load(path: Path) -> dict:
+    """The state saved at ``path``, after checking its format, its checksum and its entries."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # a pickled object: the way a crafted file runs code
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects, not just tensors and plain "
+                                  "data, and loading it could run code (vdm_fast never unpickles objects)") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable (UnpicklingError: {err})") from err
     except Exception as err:  # torch raises many kinds for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or not isinstance(state.get("format"), str):
         raise CheckpointError(f"{path} is not a vdm_fast checkpoint (format {FORMAT!r} expected)")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}; this vdm_fast reads {FORMAT!r} "
+                              "(version 1 files carry no checksum and are not loaded)")
+    if state.get("sha256") != digest(state):
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match their SHA-256 checksum")
+    _check_entries(state, _REQUIRED, path)
+    shape = state["image_shape"]
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise CheckpointError(f"checkpoint {path} has an invalid image_shape {shape!r} ((C, H, W) expected)")
+    if state["vocab_size"] < 2 or state["num_classes"] < 0 or state["step"] < 0:
+        raise CheckpointError(f"checkpoint {path} has an invalid vocab_size, num_classes or step")
     return state
 
 
-def check_compatible(state: dict, cfg: TrainConfig, path) -> None:
-    """Refuse to resume a run whose model differs from the checkpoint's."""
+def _check_entries(state: dict, entries: dict, path) -> None:
+    for key, kind in entries.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"checkpoint {path} lacks a valid {key!r} entry ({kind.__name__} expected)")
+
+
+def check_compatible(state: dict, cfg: TrainConfig, path, image_shape, vocab_size: int) -> None:
+    """Refuse to resume a run whose model or data differs from the checkpoint's, or from a
+    checkpoint that cannot resume (no optimiser state)."""
+    _check_entries(state, _RESUMABLE, path)
     saved = state["config"]
     for name in MODEL_FIELDS:
         if saved.get(name) != getattr(cfg, name):
             raise CheckpointError(f"checkpoint {path} was made with {name}={saved.get(name)!r}, but this run "
                                   f"has {name}={getattr(cfg, name)!r}; use the same settings or another --out-dir")
+    for name, ours in (("image_shape", list(image_shape)), ("vocab_size", vocab_size)):
+        if state[name] != ours:
+            raise CheckpointError(f"checkpoint {path} was made for data with {name}={state[name]!r}, but this "
+                                  f"run's data has {name}={ours!r}")
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> None:
+    """``module.load_state_dict(weights)`` with a mismatch refused by name."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path}: the {what} weights do not fit this model "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor) or t.shape != expected[name].shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"checkpoint {path}: {what} weight {name} has shape {got}, "
+                                  f"this model needs {tuple(expected[name].shape)}")
+    module.load_state_dict(weights)
 
 
 def model_from_checkpoint(path, use_ema: bool = True):
     """``(model, config, state)`` rebuilt from a checkpoint, with its EMA weights by default."""
     state = load(path)
-    cfg = resolve(state["config"])
-    model = build_model(cfg, tuple(state["image_shape"]), state["vocab_size"], state.get("num_classes", 0))
-    model.load_state_dict(state["ema"] if use_ema else state["model"])
+    try:
+        cfg = resolve(state["config"])
+        model = build_model(cfg, tuple(state["image_shape"]), state["vocab_size"], state["num_classes"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid configuration: {err}") from err
+    load_weights(model, state["ema"] if use_ema else state["model"], path, "EMA" if use_ema else "model")
     return model, cfg, state
 
 
@@ -86,5 +217,29 @@ def model_for_cli(path):
         raise SystemExit(f"error: {err}")
 
 
-__all__ = ["CheckpointError", "build_model", "check_compatible", "load", "model_for_cli", "model_from_checkpoint",
-           "save", "to_dict"]
+class RunLock:
+    """An exclusive lock on a run folder for the life of the process (``flock`` on
+    ``<folder>/.lock``): a second trainer on the same folder is refused, and the kernel drops the
+    lock when the holder dies, even by ``kill -9``."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise CheckpointError(f"another process is training in {folder} (it holds {self.path}); "
+                                  "stop it first, or choose another --out-dir") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+__all__ = ["CheckpointError", "RunLock", "build_model", "check_compatible", "digest", "first_non_finite", "load",
+           "load_weights", "model_for_cli", "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict"]

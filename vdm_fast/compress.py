@@ -39,6 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from vdm_fast._extras import require
+
+require("compress")  # a one-line message, not an ImportError, without the extra
+
 from tqdm import tqdm
 
 from vdm_fast.reference.loss import alpha_sigma, decoder_logits, encode as encode_data
@@ -106,7 +111,7 @@ class _Chain:
         self.model, self.T = model, T
         grid = torch.arange(T, -1, -1, dtype=torch.float64) / T  # 1, (T-1)/T, ..., 0
         with torch.no_grad():
-            self.gammas = model.schedule(grid)[0].detach()
+            self.gammas = model.gamma(grid)[0].detach()
 
     def step(self, z_t, i):
         """For step i (t = (T - i)/T, s = t - 1/T): mean of p(z_s | z_t), the shared std, and
@@ -262,14 +267,23 @@ def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
         raise CodecError("this stream was made with another model (fingerprint mismatch): "
                          "decode it with the checkpoint that encoded it")
     N, C, H, W = header.shape
+    if [C, H, W] != list(net.image_shape) or header.vocab_size != net.vocab_size:
+        raise CodecError(f"the stream holds {header.vocab_size}-level images of shape {[C, H, W]}, this model "
+                         f"codes {net.vocab_size}-level images of shape {list(net.image_shape)}")
     with exact_arithmetic():
         chain = _Chain(net, header.T)
-        coder = _Coder(payload, header.grid_bits, seal=False)
         starts = list(range(0, N, header.chunk))
         chunks = []
-        for start in tqdm(reversed(starts), total=len(starts), desc="decode", disable=not progress):
-            chunks.append(_decode_chunk(coder, chain, (min(header.chunk, N - start), C, H, W)))
-        rest = coder.ans.get_compressed(unseal=True)
+        try:
+            coder = _Coder(payload, header.grid_bits, seal=False)
+            for start in tqdm(reversed(starts), total=len(starts), desc="decode", disable=not progress):
+                chunks.append(_decode_chunk(coder, chain, (min(header.chunk, N - start), C, H, W)))
+            rest = coder.ans.get_compressed(unseal=True)
+        except (ValueError, RuntimeError, AssertionError, TypeError, OverflowError, IndexError) as err:
+            # constriction refuses what a damaged stream makes it do (e.g. unsealing a stack
+            # whose last word is zero): a decoding failure, never a crash.
+            raise CodecError(f"the stream could not be decoded ({type(err).__name__}: {err}): it is damaged "
+                             "or was made with a different model") from err
     if not np.array_equal(rest, _init_words(header)):
         raise CodecError("decoding did not return the stream to its initial words: the stream is "
                          "damaged or was decoded with different arithmetic")
@@ -284,6 +298,40 @@ def _pack(header: Header, payload: np.ndarray) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+# The header's fields: (type, lowest, highest). A stream is refused unless every field is of
+# its type and range, so a tampered header (even under a recomputed checksum) cannot make the
+# decoder allocate without bound or fail with anything but a CodecError.
+_HEADER_FIELDS = {"version": (int, VERSION, VERSION), "fingerprint": (str, None, None), "T": (int, 1, 100_000),
+                  "shape": (list, None, None), "vocab_size": (int, 2, 2**16), "chunk": (int, 1, 2**31),
+                  "grid_bits": (int, 2, 10), "init_words": (int, 0, 2**40), "init_seed": (int, 0, 2**63),
+                  "payload_words": (int, 0, 2**40)}
+# Probabilities of one chunk's pixels are held at once: chunk x D x vocab float64 values.
+_MAX_CHUNK_PROBS = 2**28
+
+
+def _check_header(fields) -> Header:
+    if not isinstance(fields, dict) or set(fields) != set(_HEADER_FIELDS):
+        raise CodecError("the stream's header does not have the fields of this format")
+    for name, (kind, low, high) in _HEADER_FIELDS.items():
+        value = fields[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CodecError(f"the stream's header has an invalid {name} ({kind.__name__} expected)")
+        if low is not None and not low <= value <= high:
+            raise CodecError(f"the stream's header has {name} = {value}, outside [{low}, {high}]")
+    shape = fields["shape"]
+    if len(shape) != 4 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 2**31 for s in shape):
+        raise CodecError(f"the stream's header has an invalid shape {shape!r} ([N, C, H, W] expected)")
+    if min(fields["chunk"], shape[0]) * math.prod(shape[1:]) * fields["vocab_size"] > _MAX_CHUNK_PROBS:
+        raise CodecError("the stream's header asks for chunks larger than this decoder holds")
+    if fields["init_words"] > fields["payload_words"]:
+        raise CodecError("the stream's header claims more initial words than its payload holds")
+    # Every image costs far more than one bit: a header claiming more images than the payload
+    # has bits is tampered with (and would keep the decoder busy without end).
+    if shape[0] > 32 * fields["payload_words"]:
+        raise CodecError(f"the stream's header claims {shape[0]} images, more than its payload could hold")
+    return Header(**fields)
+
+
 def _unpack(data: bytes):
     if len(data) < len(MAGIC) + 6 + 32 or data[:4] != MAGIC:
         raise CodecError("not a vdm_fast compressed stream (bad magic or too short)")
@@ -293,7 +341,15 @@ def _unpack(data: bytes):
     version, head_len = struct.unpack("<HI", body[4:10])
     if version != VERSION:
         raise CodecError(f"stream format version {version} is not supported (this is version {VERSION})")
-    header = Header(**json.loads(body[10:10 + head_len]))
+    if 10 + head_len > len(body):
+        raise CodecError("the stream's header length runs past its end")
+    try:
+        fields = json.loads(body[10:10 + head_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CodecError(f"the stream's header is not valid JSON ({err})") from err
+    header = _check_header(fields)
+    if (len(body) - 10 - head_len) % 4:
+        raise CodecError("the stream's payload is not a whole number of 32-bit words")
     payload = np.frombuffer(body[10 + head_len:], dtype="<u4").astype(np.uint32)
     if payload.size != header.payload_words:
         raise CodecError("stream length does not match its header: truncated or padded")
@@ -327,7 +383,13 @@ def main(argv=None):
     try:
         model, _, _ = model_from_checkpoint(args.ckpt)
         if args.command == "encode":
-            array = np.load(args.input, allow_pickle=False)
+            try:
+                array = np.load(args.input, allow_pickle=False)
+            except (ValueError, EOFError) as err:
+                raise CodecError(f"{args.input} is not a .npy array of images ({err})") from err
+            if not isinstance(array, np.ndarray):  # an .npz archive
+                raise CodecError(f"{args.input} is an .npz archive; encode takes one .npy array of uint8 images "
+                                 "[N, H, W, C]")
             if array.dtype != np.uint8 or array.ndim != 4:
                 raise CodecError(f"{args.input} must hold uint8 images [N, H, W, C], got {array.dtype} {array.shape}")
             images = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))

@@ -4,10 +4,15 @@ JSON file underneath (flags override the file, the file overrides the dataset's 
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
+
+from vdm_fast.nn.schedule import SCHEDULES
+from vdm_fast.nn.vdm import SCHEDULE_OBJECTIVES, WEIGHTINGS
+from vdm_fast.reference.parameterization import PREDICTIONS
 
 
 @dataclass
@@ -22,6 +27,9 @@ class TrainConfig:
     dropout: Optional[float] = field(default=None, metadata={"help": "dropout in the ResNet blocks"})
     attention: str = field(default="middle", metadata={"help": "middle | all"})
     schedule: str = field(default="scalar", metadata={"help": "noise schedule: fixed | scalar | nnet"})
+    schedule_objective: str = field(default="elbo", metadata={
+        "help": "what the schedule descends: elbo | variance (nnet only: endpoints pinned and on the bound, the "
+                "network on the variance of the diffusion loss; continuous time)"})
     gamma_min: Optional[float] = field(default=None, metadata={"help": "initial gamma(0)"})
     gamma_max: Optional[float] = field(default=None, metadata={"help": "initial gamma(1)"})
     T: int = field(default=0, metadata={"help": "diffusion loss: 0 continuous time, else T steps"})
@@ -44,7 +52,7 @@ class TrainConfig:
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many non-finite steps in a row"})
     seed: int = field(default=0, metadata={"help": "seed of data order, noise and initialisation"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast of the score network on CUDA"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast of the score network (only) on CUDA"})
     # logging, checkpoints, evaluation
     log_every: int = field(default=10, metadata={"help": "metrics line every N steps"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -59,23 +67,25 @@ class TrainConfig:
 # in minutes on 2 CPU cores for the bundled digits. Digits have 17 levels, 2/17 apart: a noise
 # std of a quarter level (gamma_0 = -7) already decodes them, so the schedule starts there
 # rather than at the 8-bit -13.3 (which would spend the short run learning to move it).
-_OFFICIAL = dict(gamma_min=-13.3, gamma_max=5.0, lr=2e-4, ema=0.9999, steps=2_000_000)
+# The official configs (google-research/vdm configs/cifar10.py, imagenet32.py, imagenet64.py):
+# 10M steps, batch 128, dropout 0.1 for all three.
+_OFFICIAL = dict(gamma_min=-13.3, gamma_max=5.0, lr=2e-4, ema=0.9999, steps=10_000_000, batch_size=128, dropout=0.1)
 DATASET_DEFAULTS = {
     "digits": dict(n_embd=64, n_layer=2, dropout=0.1, steps=4000, batch_size=64, lr=2e-3, ema=0.995,
                    gamma_min=-7.0, gamma_max=5.0),
-    "cifar10": dict(_OFFICIAL, n_embd=128, n_layer=32, dropout=0.1, batch_size=128),
-    "imagenet32": dict(_OFFICIAL, n_embd=256, n_layer=32, dropout=0.0, batch_size=512),
-    "imagenet64": dict(_OFFICIAL, n_embd=256, n_layer=64, dropout=0.0, batch_size=512),
-    "npy": dict(_OFFICIAL, n_embd=128, n_layer=8, dropout=0.1, batch_size=128, steps=100_000),
+    "cifar10": dict(_OFFICIAL, n_embd=128, n_layer=32),
+    "imagenet32": dict(_OFFICIAL, n_embd=256, n_layer=32),
+    "imagenet64": dict(_OFFICIAL, n_embd=256, n_layer=64),
+    "npy": dict(_OFFICIAL, n_embd=128, n_layer=8, steps=100_000),
 }
 
 # Fields that fix the shapes of the parameters: a checkpoint is only resumable under the same.
-MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule", "prediction", "conditional")
+MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule", "schedule_objective", "prediction",
+                "conditional")
 
-CHOICES = {"data": tuple(DATASET_DEFAULTS), "attention": ("middle", "all"),
-           "schedule": ("fixed", "scalar", "nnet"), "ops": ("fused", "reference"),
-           "prediction": ("eps", "x", "v", "score"), "weighting": ("elbo", "sigmoid", "eps_mse"),
-           "device": ("auto", "cpu", "cuda")}
+CHOICES = {"data": tuple(DATASET_DEFAULTS), "attention": ("middle", "all"), "schedule": tuple(SCHEDULES),
+           "schedule_objective": SCHEDULE_OBJECTIVES, "ops": ("fused", "reference"), "prediction": PREDICTIONS,
+           "weighting": WEIGHTINGS, "device": ("auto", "cpu", "cuda")}
 
 
 def _parse_bool(text: str) -> bool:
@@ -87,9 +97,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
+def _field_kind(f) -> type:
+    """A field's value type, unwrapped from Optional."""
+    return next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)
+
+
 def _field_type(f):
     """The parser of a field's flag: its type, unwrapped from Optional."""
-    kind = next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)
+    kind = _field_kind(f)
     return _parse_bool if kind is bool else kind
 
 
@@ -127,22 +142,82 @@ def load_file(path: str) -> dict:
     return values
 
 
+def _typed(name: str, kind: type, value):
+    """``value`` as a ``kind`` field's value, or a TypeError naming the field. The rule: bool
+    fields take only true/false (not "false"), int fields only integers (not booleans, 2.5 or
+    "32"), float fields numbers or a string that is wholly one number (YAML reads ``1e-3``
+    as a string), str fields strings."""
+    if value is None:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+# Range of every numeric field: (low, high, low inclusive, high inclusive); None: unbounded.
+_RANGES = {
+    "n_embd": (32, None, True, None), "n_layer": (0, None, True, None), "dropout": (0.0, 1.0, True, False),
+    "gamma_min": (None, None, None, None), "gamma_max": (None, None, None, None), "T": (0, None, True, None),
+    "sigmoid_bias": (None, None, None, None), "label_dropout": (0.0, 1.0, True, False),
+    "guidance": (0.0, None, True, None), "steps": (1, None, True, None), "batch_size": (1, None, True, None),
+    "lr": (0.0, None, False, None), "warmup": (0, None, True, None), "weight_decay": (0.0, None, True, None),
+    "grad_clip": (0.0, None, True, None), "ema": (0.0, 1.0, True, False), "max_bad_steps": (1, None, True, None),
+    "seed": (0, 2**63 - 1, True, True), "log_every": (1, None, True, None), "ckpt_every": (1, None, True, None),
+    "eval_T": (0, None, True, None), "eval_batches": (0, None, True, None), "sample_n": (0, None, True, None),
+    "sample_T": (1, None, True, None),
+}
+
+
+def _check_range(name: str, value) -> None:
+    low, high, low_in, high_in = _RANGES[name]
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_in)):
+        raise ValueError(f"{name} must be {'>=' if low_in else '>'} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_in)):
+        raise ValueError(f"{name} must be {'<=' if high_in else '<'} {high}, got {value}")
+
+
 def resolve(overrides: dict) -> TrainConfig:
-    """Dataset defaults < config file < explicit flags; checks the values."""
-    cfg = TrainConfig(**overrides)
-    for name, value in DATASET_DEFAULTS[cfg.data].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
+    """Dataset defaults < config file < explicit flags; checks every value's type and range
+    (all before any training starts)."""
+    kinds = {f.name: _field_kind(f) for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - set(kinds))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; known: {sorted(kinds)}")
+    values = {name: _typed(name, kinds[name], value) for name, value in overrides.items()}
+    data = values.get("data", "digits")
+    if data not in CHOICES["data"]:
+        raise ValueError(f"data must be one of {CHOICES['data']}, got {data!r}")
+    for name, value in DATASET_DEFAULTS[data].items():
+        if values.get(name) is None:
+            values[name] = value
+    cfg = TrainConfig(**values)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("steps", "batch_size", "n_embd", "log_every", "ckpt_every", "max_bad_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.label_dropout < 1.0:
-        raise ValueError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
-    if not 0.0 <= cfg.ema < 1.0:
-        raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
+    for name in _RANGES:
+        _check_range(name, getattr(cfg, name))
+    if cfg.n_embd % 32:
+        raise ValueError(f"n_embd must be a multiple of 32 (GroupNorm's 32 groups), got {cfg.n_embd}")
+    if not cfg.gamma_min < cfg.gamma_max:
+        raise ValueError(f"gamma_min must be < gamma_max, got {cfg.gamma_min} and {cfg.gamma_max}")
+    if cfg.schedule_objective == "variance" and (cfg.schedule != "nnet" or cfg.T):
+        raise ValueError("schedule_objective variance needs --schedule nnet and the continuous-time loss (--T 0)")
     if cfg.data != "digits" and not cfg.data_dir:
         raise ValueError(f"--data {cfg.data} needs --data-dir (nothing is downloaded)")
     return cfg

@@ -6,6 +6,7 @@ int64 labels (or None), for a train and a test split.
 
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,8 +43,9 @@ class DataError(ValueError):
     """A dataset is missing or not in the expected form; the message says what and where."""
 
 
-def _nhwc_to_nchw(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] -> [N, C, H, W]."""
+    return a.transpose(0, 3, 1, 2)
 
 
 def load_digits() -> Dataset:
@@ -61,6 +63,31 @@ def load_digits() -> Dataset:
     return Dataset(Split(images[train], labels[train]), Split(images[test], labels[test]), vocab_size=17)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR-10 batches hold: dicts, lists, bytes, numbers and
+    numpy arrays. Any other global (the way a crafted pickle runs code) is refused."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         "dicts, lists, bytes and numpy arrays")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(fh, where: str) -> dict:
+    try:
+        batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except Exception as err:  # refused globals, and truncated or garbage bytes (EOFError, ValueError, ...)
+        raise DataError(f"{where}: not a readable CIFAR-10 batch ({type(err).__name__}: {err})") from err
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: a CIFAR-10 batch must be a dict, got {type(batch).__name__}")
+    return batch
+
+
 def _cifar_batches(path: Path):
     """(name, dict) of the python-version CIFAR-10 batches, from the archive or its folder."""
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -71,8 +98,8 @@ def _cifar_batches(path: Path):
                 missing = [n for n in names if n not in members]
                 if missing:
                     raise DataError(f"{path} lacks the CIFAR-10 batches {missing}")
-                return {n: pickle.load(tar.extractfile(members[n]), encoding="bytes") for n in names}
-        except tarfile.TarError as err:
+                return {n: _read_cifar_batch(tar.extractfile(members[n]), f"{path}:{n}") for n in names}
+        except (tarfile.TarError, EOFError, OSError) as err:
             raise DataError(f"{path} is not a readable tar archive ({err}); expected cifar-10-python.tar.gz") from err
     folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
     missing = [n for n in names if not (folder / n).is_file()]
@@ -82,8 +109,26 @@ def _cifar_batches(path: Path):
     batches = {}
     for n in names:
         with open(folder / n, "rb") as fh:
-            batches[n] = pickle.load(fh, encoding="bytes")
+            batches[n] = _read_cifar_batch(fh, str(folder / n))
     return batches
+
+
+def _split(images: np.ndarray, labels, where: str) -> Split:
+    """A split of uint8 NCHW images and optional labels, checked: not empty, no zero-sized
+    image, one label per image."""
+    if images.shape[0] == 0:
+        raise DataError(f"{where}: the split holds no images")
+    if 0 in images.shape[1:]:
+        raise DataError(f"{where}: zero-sized images, shape {images.shape[1:]}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
+            raise DataError(f"{where}: {images.shape[0]} images but labels of shape {labels.shape} "
+                            f"({labels.dtype}); one integer label per image expected")
+        if labels.min() < 0:
+            raise DataError(f"{where}: negative labels")
+        labels = torch.from_numpy(labels.astype(np.int64))
+    return Split(torch.from_numpy(np.ascontiguousarray(images)), labels)
 
 
 def load_cifar10(path: str) -> Dataset:
@@ -95,14 +140,19 @@ def load_cifar10(path: str) -> Dataset:
     batches = _cifar_batches(p)
 
     def split(names):
-        try:
-            data = np.concatenate([batches[n][b"data"] for n in names])
-            labels = np.concatenate([batches[n][b"labels"] for n in names])
-        except (KeyError, TypeError) as err:
-            raise DataError(f"{path}: a CIFAR-10 batch lacks b'data' or b'labels' ({err})") from err
-        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-            raise DataError(f"{path}: CIFAR-10 data must be uint8 [N, 3072], got {data.dtype} {data.shape}")
-        return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels.astype(np.int64)))
+        data, labels = [], []
+        for n in names:
+            try:
+                d, l = np.asarray(batches[n][b"data"]), np.asarray(batches[n][b"labels"])
+            except KeyError as err:
+                raise DataError(f"{path}: CIFAR-10 batch {n} lacks {err}") from err
+            if d.ndim != 2 or d.shape[1] != 3072 or d.dtype != np.uint8:
+                raise DataError(f"{path}: CIFAR-10 batch {n} must hold uint8 data [N, 3072], got {d.dtype} {d.shape}")
+            if l.shape != (len(d),):
+                raise DataError(f"{path}: CIFAR-10 batch {n} has {len(d)} images but labels of shape {l.shape}")
+            data.append(d)
+            labels.append(l)
+        return _split(np.concatenate(data).reshape(-1, 3, 32, 32), np.concatenate(labels), f"{path} ({names[0]}...)")
 
     return Dataset(split([f"data_batch_{i}" for i in range(1, 6)]), split(["test_batch"]), vocab_size=256)
 
@@ -121,13 +171,19 @@ def load_imagenet(path: str, size: int) -> Dataset:
     def split(files):
         data, labels = [], []
         for f in files:
-            with np.load(f) as npz:
-                if "data" not in npz or npz["data"].shape[1:] != (3 * size * size,):
-                    raise DataError(f"{f}: expected 'data' of shape [N, {3 * size * size}]")
-                data.append(npz["data"])
-                labels.append(npz["labels"])
-        images = torch.from_numpy(np.concatenate(data).astype(np.uint8).reshape(-1, 3, size, size))
-        return Split(images, torch.from_numpy(np.concatenate(labels).astype(np.int64) - 1))
+            try:
+                with np.load(f, allow_pickle=False) as npz:
+                    d = npz["data"] if "data" in npz.files else None
+                    l = npz["labels"] if "labels" in npz.files else None
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # truncated, or not an npz
+                raise DataError(f"{f}: not a readable npz file ({type(err).__name__}: {err})") from err
+            if d is None or l is None or d.ndim != 2 or d.shape[1] != 3 * size * size or d.dtype != np.uint8:
+                raise DataError(f"{f}: expected uint8 'data' of shape [N, {3 * size * size}] and 'labels' [N]")
+            if l.shape != (len(d),) or l.dtype.kind not in "iu" or (len(l) and l.min() < 1):
+                raise DataError(f"{f}: {len(d)} images need {len(d)} integer labels from 1, got {l.dtype} {l.shape}")
+            data.append(d)
+            labels.append(l.astype(np.int64) - 1)
+        return _split(np.concatenate(data).reshape(-1, 3, size, size), np.concatenate(labels), str(files[0]))
 
     return Dataset(split(train_files), split([val_file]), vocab_size=256)
 
@@ -145,21 +201,28 @@ def load_array(path: str) -> Dataset:
         else:
             with np.load(p, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path} could not be read as numpy data ({err})") from err
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path} could not be read as numpy data ({type(err).__name__}: {err})") from err
     for name, a in arrays.items():
         if a.dtype != np.uint8 or a.ndim != 4:
             raise DataError(f"{path}: array {name!r} must be uint8 [N, H, W, C], got {a.dtype} {a.shape}")
+        # Channels are the last axis, and images have 1 to 4 of them: an NCHW array such as
+        # (20, 1, 8, 8) would otherwise be read as 1x8 images of 8 channels.
+        if not 1 <= a.shape[3] <= 4:
+            raise DataError(f"{path}: array {name!r} of shape {a.shape} is read as [N, H, W, C] with C = "
+                            f"{a.shape[3]} channels; 1 to 4 expected (an NCHW array needs "
+                            "a.transpose(0, 2, 3, 1) first)")
     if "train" in arrays and "test" in arrays:
-        return Dataset(Split(_nhwc_to_nchw(arrays["train"]), None), Split(_nhwc_to_nchw(arrays["test"]), None), 256)
+        return Dataset(_split(_nhwc(arrays["train"]), None, f"{path}['train']"),
+                       _split(_nhwc(arrays["test"]), None, f"{path}['test']"), 256)
     if len(arrays) != 1:
         raise DataError(f"{path}: expected one array, or 'train' and 'test', got {sorted(arrays)}")
-    images = _nhwc_to_nchw(next(iter(arrays.values())))
+    images = _nhwc(next(iter(arrays.values())))
     if len(images) < 2:
         raise DataError(f"{path}: needs at least 2 images for a train/test split, got {len(images)}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).numpy()
     n_test = max(1, len(images) // 10)
-    return Dataset(Split(images[order[n_test:]], None), Split(images[order[:n_test]], None), 256)
+    return Dataset(_split(images[order[n_test:]], None, path), _split(images[order[:n_test]], None, path), 256)
 
 
 def load(name: str, data_dir: str = "") -> Dataset:

@@ -4,6 +4,11 @@ import argparse
 import math
 
 import torch
+
+from vdm_fast._extras import require
+
+require("train")  # a one-line message, not an ImportError, without the extra
+
 from tqdm import tqdm
 
 from vdm_fast import data as datasets
@@ -46,6 +51,9 @@ def main(argv=None):
         ds = datasets.load(cfg.data, args.data_dir or cfg.data_dir)
     except datasets.DataError as err:
         raise SystemExit(f"error: {err} (pass --data-dir if the data moved)")
+    if ds.vocab_size != model.vocab_size or ds.image_shape != model.image_shape:
+        raise SystemExit(f"error: {args.ckpt} models {model.vocab_size}-level images of shape {model.image_shape}, "
+                         f"but its dataset {cfg.data} holds {ds.vocab_size}-level images of shape {ds.image_shape}")
     model.to(args.device)
     bpd = test_bpd(model, ds.test.images, cfg.batch_size, T=args.T, max_batches=args.batches,
                    device=args.device, progress=True, labels=ds.test.labels if model.num_classes else None)

@@ -5,6 +5,11 @@ import math
 
 import numpy as np
 import torch
+
+from vdm_fast._extras import require
+
+require("train")  # a one-line message, not an ImportError, without the extra
+
 from PIL import Image
 
 from vdm_fast.checkpoint import model_for_cli

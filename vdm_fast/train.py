@@ -5,12 +5,16 @@ With no flags it trains the small default model on scikit-learn's bundled digits
 ``torchrun --nproc_per_node N -m vdm_fast.train ...`` runs data-parallel (NCCL on GPUs, gloo on
 CPUs), with the same results as one process at the same global batch.
 
-Reproducibility: the data order, the times and noises of the bound and the dropout masks are
-all functions of ``(seed, step)`` (and the rank, for dropout), never of a running RNG, so a run
-resumed from a checkpoint continues exactly as if it had never stopped.
+Reproducibility: the data order, the times and noises of the bound, the label dropout and
+the dropout masks are all functions of ``(seed, step, the example's index in the global
+batch)``, never of a running RNG, so a run resumed from a checkpoint continues exactly as if it
+had never stopped, and N processes compute what one process with the global batch computes.
+
+Safety: one trainer per run folder (a lock), a checkpoint is never written with non-finite
+weights (a run whose update made them non-finite stops at once, exit status 1), and the last
+good checkpoint is never replaced by a worse one.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -18,29 +22,30 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from vdm_fast._extras import require
+
+require("train")  # a one-line message, not an ImportError, without the extra
+
 from tqdm import tqdm
 
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import data as datasets
 from vdm_fast.config import TrainConfig, parse_args, to_dict
 from vdm_fast.evaluate import test_bpd
+from vdm_fast.nn.dropout import global_masks
 from vdm_fast.reference.schedule import antithetic_times
 from vdm_fast.sample import save_grid
+from vdm_fast.seeds import mix as _mix
 
 
 class NonFiniteLoss(RuntimeError):
-    """Too many steps in a row had a non-finite loss or gradient."""
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (deterministic, unlike Python's hash of a tuple across runs)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & (2**63 - 1)
-    return h
+    """Too many steps in a row had a non-finite loss or gradient, or an update made the weights
+    non-finite."""
 
 
 class Distributed:
@@ -70,6 +75,13 @@ class Distributed:
             dist.all_reduce(t)
             t /= self.world
         return t
+
+    def average_gradients(self, params) -> None:
+        """All-reduce the gradients that were set outside DDP's backward."""
+        if self.world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     def barrier(self):
         if self.world > 1:
@@ -109,7 +121,8 @@ class BatchSampler:
 
 
 def _noise(cfg: TrainConfig, step: int, shape, rank: int, local: int):
-    """The step's times and noises for the whole global batch, sliced to this process."""
+    """The step's times, noises and label-dropout flags for the whole global batch, sliced to
+    this process."""
     gen = torch.Generator().manual_seed(_mix(cfg.seed, step, 1))
     B = cfg.batch_size
     if cfg.antithetic:
@@ -118,16 +131,37 @@ def _noise(cfg: TrainConfig, step: int, shape, rank: int, local: int):
         t = torch.rand(B, generator=gen)
     eps = torch.randn((B, *shape), generator=gen)
     eps_0 = torch.randn((B, *shape), generator=gen)
+    drop_labels = torch.rand(B, generator=gen) < cfg.label_dropout
     part = slice(rank * local, (rank + 1) * local)
-    return t[part], eps[part], eps_0[part]
+    return t[part], eps[part], eps_0[part], drop_labels[part]
+
+
+def weight_decay_split(model: torch.nn.Module):
+    """``(decayed, exempt)`` parameter names, as the official ``decay_mask_fn``: every parameter
+    is decayed except biases, where a bias is a parameter named ``bias`` or one that a module
+    lists in ``no_weight_decay`` (the monotone schedule's ``b1``, ``b2``: the official
+    ``DenseMonotone`` biases; and its pinned endpoints, which the official code does not have)."""
+    decayed, exempt = [], []
+    for module_name, module in model.named_modules():
+        biases = ("bias", *getattr(module, "no_weight_decay", ()))
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            (exempt if name in biases else decayed).append(full)
+    return decayed, exempt
 
 
 def _param_groups(model, weight_decay: float):
-    """AdamW groups: decay on every parameter but biases (schedule parameters included)."""
-    decay, no_decay = [], []
+    decayed, _ = weight_decay_split(model)
+    decayed = set(decayed)
+    groups = {True: [], False: []}
     for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups[name in decayed].append(p)
+    return [{"params": groups[True], "weight_decay": weight_decay}, {"params": groups[False], "weight_decay": 0.0}]
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The official schedule: linear warm-up from 0 at step 0 to ``lr`` at step ``warmup``."""
+    return cfg.lr if cfg.warmup == 0 else cfg.lr * min(1.0, step / cfg.warmup)
 
 
 class StopRequest:
@@ -165,146 +199,257 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the final metrics."""
+    job = Distributed(_device_kind(cfg))
+    previous = os.environ.get("VDM_FAST_BACKEND")
     if cfg.ops == "reference":
         os.environ["VDM_FAST_BACKEND"] = "reference"
-    job = Distributed(_device_kind(cfg))
+    lock = None
     try:
+        lock = _open_run_folder(cfg, job)
         return _train(cfg, job)
     finally:
+        if lock is not None:
+            lock.release()
+        if previous is None:
+            os.environ.pop("VDM_FAST_BACKEND", None)
+        else:
+            os.environ["VDM_FAST_BACKEND"] = previous
         job.close()
 
 
-def _train(cfg: TrainConfig, job: Distributed) -> dict:
-    device = _device(cfg, job.local_rank)
+def _open_run_folder(cfg: TrainConfig, job: Distributed):
+    """Lock the run folder (main process), clear what a killed run left, and refuse to start
+    afresh over a checkpoint. Returns the lock (None on other ranks)."""
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
+    lock = None
     if job.main:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = ckpt.RunLock(out)
+        except ckpt.CheckpointError as err:
+            raise SystemExit(f"error: {err}")
+        for name in ckpt.remove_stale_temporaries(ckpt_path):
+            print(f"removed {out / name}, left by a run killed while writing its checkpoint", file=sys.stderr)
         if ckpt_path.exists() and not cfg.resume:
+            lock.release()  # train() releases it, but it has not been handed over yet
             raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run, "
                              "or choose another --out-dir (nothing was overwritten)")
     job.barrier()
+    return lock
 
+
+def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
+    """Load a checkpoint into the model, EMA and optimiser; returns (step, skipped steps)."""
     try:
-        ds = datasets.load(cfg.data, cfg.data_dir)
-    except datasets.DataError as err:
-        raise SystemExit(f"error: {err}")
-    shape = ds.image_shape
-    torch.manual_seed(cfg.seed)
-    try:
-        model = ckpt.build_model(cfg, shape, ds.vocab_size, ds.num_classes).to(device)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
-
-    step, bad_in_row, skipped = 0, 0, 0
-    if cfg.resume:
-        try:
-            state = ckpt.load(ckpt_path)
-            ckpt.check_compatible(state, cfg, ckpt_path)
-        except ckpt.CheckpointError as err:
-            raise SystemExit(f"error: cannot resume: {err}")
-        model.load_state_dict(state["model"])
-        for e, v in zip(ema, state["ema"].values()):
-            e.copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        step, skipped = state["step"], state["skipped_steps"]
-        if job.main:
-            print(f"resumed {ckpt_path} at step {step}", file=sys.stderr)
-
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if job.world > 1 else model
-    sampler = BatchSampler(len(ds.train.images), cfg.batch_size, cfg.seed, job.rank, job.world)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16
-                else contextlib.nullcontext())
-    params = list(model.parameters())
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-
-    def state_dict():
+        state = ckpt.load(ckpt_path)
+        ckpt.check_compatible(state, cfg, ckpt_path, shape, vocab_size)
+        ckpt.load_weights(model, state["model"], ckpt_path, "model")
         names = [n for n, _ in model.named_parameters()]
+        if sorted(state["ema"]) != sorted(names):
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: its EMA weights do not match the model's parameters")
+        for name, e in zip(names, ema):
+            if state["ema"][name].shape != e.shape:
+                raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: EMA weight {name} has shape "
+                                           f"{tuple(state['ema'][name].shape)}, the model needs {tuple(e.shape)}")
+            e.copy_(state["ema"][name])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: its optimiser state does not fit this model ({err})")
+    except ckpt.CheckpointError as err:
+        raise SystemExit(f"error: cannot resume: {err}")
+    return state["step"], state["skipped_steps"]
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one record per logged step. A resumed run first drops the records past
+    its checkpoint (written after it by the run that was killed), so every step appears once."""
+
+    def __init__(self, path: Path, resume_step: Optional[int]):
+        self.path = path
+        kept = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                    kept.append(line + "\n")
+        self.file = open(path, "w")
+        self.file.writelines(kept)
+        self.file.flush()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _weights_finite(params) -> bool:
+    """Whether every parameter is finite: one max-abs per tensor (NaN propagates), one sync."""
+    return bool(torch.stack(torch._foreach_norm(params, math.inf)).isfinite().all().item())
+
+
+class _Run:
+    """One process's training state: the model, its EMA and optimiser, the step counters, and
+    what has been saved (the loop in ``_train`` drives it)."""
+
+    def __init__(self, cfg: TrainConfig, job: Distributed):
+        self.cfg, self.job = cfg, job
+        self.device = _device(cfg, job.local_rank)
+        self.ckpt_path = Path(cfg.out_dir) / "checkpoint.pt"
+        try:
+            self.ds = datasets.load(cfg.data, cfg.data_dir)
+        except datasets.DataError as err:
+            raise SystemExit(f"error: {err}")
+        self.shape = self.ds.image_shape
+        torch.manual_seed(cfg.seed)
+        try:
+            model = ckpt.build_model(cfg, self.shape, self.ds.vocab_size, self.ds.num_classes).to(self.device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            if cfg.bf16:
+                model.autocast_dtype = torch.bfloat16  # the score network only
+        self.model, self.params = model, list(model.parameters())
+        self.ema = [p.detach().clone() for p in self.params]
+        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99),
+                                           eps=1e-8)
+        self.step, self.skipped, self.bad_in_row = 0, 0, 0
+        if cfg.resume:
+            self.step, self.skipped = _restore(cfg, self.ckpt_path, model, self.ema, self.optimizer, self.shape,
+                                               self.ds.vocab_size)
+            if job.main:
+                print(f"resumed {self.ckpt_path} at step {self.step}", file=sys.stderr)
+        self.last_saved = self.step if cfg.resume else None
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model) if job.world > 1 else model
+        self.sampler = BatchSampler(len(self.ds.train.images), cfg.batch_size, cfg.seed, job.rank, job.world)
+
+    def state_dict(self) -> dict:
+        names = [n for n, _ in self.model.named_parameters()]
         return {
-            "config": to_dict(cfg), "step": step, "skipped_steps": skipped,
-            "model": model.state_dict(), "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
-            "image_shape": list(shape), "vocab_size": ds.vocab_size, "num_classes": model.num_classes,
-            "data_position": dict(zip(("epoch", "batch"), sampler.position(step))),
-            # Every random draw is a function of (seed, step, rank): this is the whole RNG state.
-            "rng": {"seed": cfg.seed, "derived_from": "seed, step, rank"},
+            "config": to_dict(self.cfg), "step": self.step, "skipped_steps": self.skipped,
+            "model": self.model.state_dict(), "ema": dict(zip(names, self.ema)),
+            "optimizer": self.optimizer.state_dict(), "image_shape": list(self.shape),
+            "vocab_size": self.ds.vocab_size, "num_classes": self.model.num_classes,
+            "data_position": dict(zip(("epoch", "batch"), self.sampler.position(self.step))),
+            # Every random draw is a function of (seed, step, global index): the whole RNG state.
+            "rng": {"seed": self.cfg.seed, "derived_from": "seed, step, global example index"},
         }
 
-    def save_checkpoint():
-        if job.main:
-            ckpt.save(ckpt_path, state_dict())
+    def last_good(self) -> str:
+        if self.last_saved is None:
+            return "No checkpoint was written."
+        return f"The last good checkpoint, {self.ckpt_path} (step {self.last_saved}), is untouched."
 
+    def save_checkpoint(self) -> bool:
+        """Write the checkpoint, unless the last step was non-finite: weights that just produced
+        a NaN loss are suspect (an update can make them huge but finite), so the save waits for
+        the next good step. Returns whether it wrote."""
+        if self.bad_in_row:
+            return False
+        if self.job.main:
+            try:
+                ckpt.save(self.ckpt_path, self.state_dict())
+            except ckpt.CheckpointError as err:  # non-finite optimiser state: never written
+                raise NonFiniteLoss(f"{err} at step {self.step}; stopping. {self.last_good()}") from None
+        self.last_saved = self.step
+        return True
+
+    def train_step(self):
+        """One optimiser step (skipped when non-finite); returns the bound's terms and the
+        gradient norm."""
+        cfg, model, step = self.cfg, self.model, self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        idx = self.sampler.indices(step)
+        x = self.ds.train.images[idx].to(self.device)
+        labels = self.ds.train.labels[idx].to(self.device) if model.num_classes else None
+        t, eps, eps_0, drop_labels = _noise(cfg, step, self.shape, self.job.rank, self.sampler.local)
+        with global_masks(_mix(cfg.seed, step, 2), self.job.rank * self.sampler.local, cfg.batch_size):
+            terms = self.ddp(x, T=cfg.T, t=t, eps=eps.to(self.device), eps_0=eps_0.to(self.device), labels=labels,
+                             drop_labels=drop_labels if model.num_classes else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.objective.mean().backward()
+        if cfg.schedule_objective == "variance":
+            model.variance_gradients_()
+            self.job.average_gradients(model.schedule.network())
+        # A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere, so
+        # every process takes the same decision from its gradient norm.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = grad_norm.item()
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            # A finite gradient can still make non-finite weights (a learning rate of 1e6):
+            # nothing can recover from that, so stop before anything is written.
+            if not _weights_finite(self.params):
+                raise NonFiniteLoss(f"the update of step {step + 1} made the weights non-finite "
+                                    f"(learning rate {cfg.lr:g} too high?); stopping. {self.last_good()}")
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - cfg.ema)
+            self.bad_in_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_row += 1
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLoss(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
+                                    f"(step {step}); stopping. {self.last_good()}")
+        self.step += 1
+        return terms, grad_norm
+
+    def record(self, terms, grad_norm: float, images_per_s: float) -> dict:
+        values = self.job.mean(torch.stack([v.detach().float().mean() for v in terms]).cpu())
+        return {"step": self.step, "bpd": values[3].item(), "objective": values[4].item(),
+                "reconstruction": values[0].item(), "prior": values[1].item(), "diffusion": values[2].item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "images_per_s": images_per_s,
+                "skipped_steps": self.skipped}
+
+
+def _train(cfg: TrainConfig, job: Distributed) -> dict:
+    run = _Run(cfg, job)
+    out = Path(cfg.out_dir)
     if job.main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a") if job.main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not job.main, dynamic_ncols=True)
+    metrics = MetricsLog(out / "metrics.jsonl", run.step if cfg.resume else None) if job.main else None
     window_start, window_images = time.perf_counter(), 0
-    ddp.train()
-    with StopRequest() as stop:
-        while step < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            torch.manual_seed(_mix(cfg.seed, step, job.rank, 2))  # dropout masks
-            idx = sampler.indices(step)
-            x = ds.train.images[idx].to(device)
-            labels = ds.train.labels[idx].to(device) if model.num_classes else None
-            t, eps, eps_0 = _noise(cfg, step, shape, job.rank, sampler.local)
-            with autocast:
-                terms = ddp(x, T=cfg.T, t=t, eps=eps.to(device), eps_0=eps_0.to(device), labels=labels)
-            loss = terms.objective.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere,
-            # so every process takes the same decision from its gradient norm.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema)
-                bad_in_row = 0
-            else:
-                skipped += 1
-                bad_in_row += 1
-                if bad_in_row >= cfg.max_bad_steps:
-                    bar.close()
-                    raise NonFiniteLoss(
-                        f"{bad_in_row} steps in a row had a non-finite loss or gradient (step {step}); "
-                        f"stopping. The last good checkpoint, {ckpt_path}, is untouched.")
-            step += 1
+    due = False  # a checkpoint is owed (deferred while steps are non-finite)
+    run.ddp.train()
+    with StopRequest() as stop, tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not job.main,
+                                     dynamic_ncols=True) as bar:
+        while run.step < cfg.steps:
+            terms, grad_norm = run.train_step()
             window_images += cfg.batch_size
             bar.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                values = job.mean(torch.stack([v.detach().float().mean() for v in terms]).cpu())
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "bpd": values[3].item(), "objective": values[4].item(),
-                          "reconstruction": values[0].item(), "prior": values[1].item(), "diffusion": values[2].item(),
-                          "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                          "images_per_s": window_images / elapsed, "skipped_steps": skipped}
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                record = run.record(terms, grad_norm, window_images / (time.perf_counter() - window_start))
                 window_start, window_images = time.perf_counter(), 0
                 if job.main:
                     bar.set_postfix(bpd=f"{record['bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    metrics.write(record)
             stop_now = job.all_min(0.0 if stop.signum else 1.0) == 0.0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
-                save_checkpoint()
+            due = due or run.step % cfg.ckpt_every == 0 or run.step == cfg.steps or stop_now
+            if due and run.save_checkpoint():
+                due = False
             if stop_now:
                 bar.close()
                 if job.main:
-                    print(f"\nstopped by signal at step {step}; checkpoint saved to {ckpt_path}. "
-                          f"Continue with --resume.", file=sys.stderr)
+                    saved = f"checkpoint saved to {run.ckpt_path}" if not due else run.last_good()
+                    print(f"\nstopped by signal at step {run.step}; {saved}. Continue with --resume.", file=sys.stderr)
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    bar.close()
-    if metrics_file:
-        metrics_file.close()
+    if due and job.main:
+        print(f"warning: the last step was non-finite, so the final state was not saved. {run.last_good()}",
+              file=sys.stderr)
+    if metrics:
+        metrics.close()
 
-    result = {"step": step, "skipped_steps": skipped}
+    result = {"step": run.step, "skipped_steps": run.skipped}
     if job.main:
-        result.update(_final_report(cfg, model, ema, ds, device, out))
+        result.update(_final_report(cfg, run.model, run.ema, run.ds, run.device, out))
     job.barrier()
     return result
 
@@ -332,7 +477,8 @@ def _final_report(cfg, model, ema, ds, device, out: Path) -> dict:
         images = model.sample(cfg.sample_n, cfg.sample_T, generator=torch.Generator(device).manual_seed(cfg.seed),
                               labels=labels, guidance=cfg.guidance)
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
-        lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}")
+        lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}  "
+                     f"(--sample-T; python -m vdm_fast.sample defaults to T=1000)")
     (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines))
     return report
@@ -341,7 +487,7 @@ def _final_report(cfg, model, ema, ds, device, out: Path) -> dict:
 def main(argv=None):
     try:
         cfg = parse_args(argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     try:
         train(cfg)

@@ -49,6 +49,10 @@ class MonotoneNetSchedule(FixedLinearSchedule):
     then ``variance_gradients_`` turns the network's gradients into those of the variance.
     """
 
+    # The official mask exempts biases from weight decay; b1, b2 are the DenseMonotone biases,
+    # and the pinned endpoints are kept off it too (decay would pull gamma_0 toward 0).
+    no_weight_decay = ("b1", "b2", "gamma_0", "gamma_1")
+
     def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, n_features: int = 1024,
                  pinned: bool = False):
         super().__init__(gamma_min, gamma_max)

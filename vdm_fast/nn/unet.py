@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdm_fast.nn.blocks import IMPLEMENTATIONS, AttnBlock, GroupNormSiLU, conv3x3, dense
+from vdm_fast.nn.dropout import Dropout
 from vdm_fast.reference.features import fourier_features, timestep_embedding
 
 
@@ -22,7 +23,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = conv3x3(in_channels, out_channels)
         self.cond_proj = dense(cond_dim, out_channels, bias=False, zero=True)
         self.norm2 = GroupNormSiLU(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels, zero=True)
         # A 1x1 projection of the skip path where the width changes (flax Dense on channels).
         self.nin_shortcut = dense(in_channels, out_channels) if in_channels != out_channels else None

@@ -8,12 +8,34 @@ import torch
 from torch import Tensor, nn
 
 from vdm_fast import ops
+from vdm_fast.nn.adapters import gamma_and_derivative
+from vdm_fast.nn.schedule import FixedLinearSchedule
 from vdm_fast.ops import _checks
-from vdm_fast.reference.loss import alpha_sigma, ancestral_step, decode, diffusion_weight, discretize_time, encode
+from vdm_fast.reference.loss import (alpha_sigma, ancestral_step, bits_per_dim, decode, diffusion_weight,
+                                     discretize_time, encode)
 from vdm_fast.reference.parameterization import PREDICTIONS, to_eps
 from vdm_fast.reference.schedule import antithetic_times
 
 WEIGHTINGS = ("elbo", "sigmoid", "eps_mse")
+SCHEDULE_OBJECTIVES = ("elbo", "variance")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies each example's gradient by ``scale[i]``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.reshape(-1, *[1] * (grad.dim() - 1)).to(grad.dtype), None
+
+
+def _scale_grad(x: Tensor, scale: Tensor) -> Tensor:
+    return _ScaleGrad.apply(x, scale.detach())
 
 
 class VDMOutput(NamedTuple):
@@ -31,8 +53,13 @@ class VDM(nn.Module):
     """A Variational Diffusion Model over integer images ``[B, C, H, W]`` in ``[0, vocab_size)``.
 
     Args:
-        score_net: ``pred = score_net(z_t, gamma_t[, labels])``, e.g. ``vdm_fast.nn.ScoreUNet``.
-        schedule: ``(gamma, gamma') = schedule(t)``, e.g. ``vdm_fast.nn.LearnedScalarSchedule``.
+        score_net: ``pred = score_net(z_t, gamma_t[, labels])`` returning a tensor of ``z_t``'s
+            shape, e.g. ``vdm_fast.nn.ScoreUNet``; wrap a ``diffusers`` or lucidrains U-Net with
+            ``vdm_fast.nn.from_diffusers`` / ``from_denoising_diffusion_pytorch``.
+        schedule: ``(gamma, gamma') = schedule(t)``, e.g. ``vdm_fast.nn.LearnedScalarSchedule``,
+            or any differentiable callable ``gamma = schedule(t)`` (another library's schedule,
+            e.g. ``lambda t: -log_snr(t)``): its derivative is then taken by autograd
+            (``vdm_fast.nn.gamma_and_derivative``).
         image_shape: ``(C, H, W)`` of the data, used by ``sample``.
         vocab_size: number of intensity levels (256 for 8-bit images).
         antithetic: draw training times as ``(u + i / B) mod 1`` (lower variance).
@@ -40,15 +67,25 @@ class VDM(nn.Module):
         weighting: the training objective over log-SNR (Kingma and Gao 2023): ``"elbo"``
             (w = 1), ``"sigmoid"`` (w = sigmoid(sigmoid_bias - lambda)) or ``"eps_mse"``
             (the "simple" loss). The bound (``bpd``) stays the evaluation metric.
+            The weighting trains the score network only: the schedule's gradient is always the
+            bound's (see ``forward``), so a weighted objective cannot fit the schedule to itself.
         num_classes: > 0 for a class-conditional model (the score net must take labels);
             ``label_dropout`` of the training labels are replaced by the null class
             ``num_classes``, so one network learns both p(x | c) and p(x).
+        schedule_objective: ``"elbo"`` (the schedule descends the bound) or ``"variance"``:
+            the paper's variance minimisation for an endpoint-pinned ``MonotoneNetSchedule``
+            (continuous time): after ``backward``, ``variance_gradients_()`` replaces the
+            schedule network's gradients with those of the mean squared diffusion loss, while
+            its endpoints keep the bound's gradient.
+        autocast_dtype: run the score network (only) under ``torch.autocast`` in this dtype
+            (e.g. ``torch.bfloat16``); the schedule and the loss stay in the model's dtype.
     """
 
     def __init__(self, score_net: nn.Module, schedule: nn.Module, image_shape: Sequence[int],
                  vocab_size: int = 256, antithetic: bool = True, prediction: str = "eps",
                  weighting: str = "elbo", sigmoid_bias: float = 0.0, num_classes: int = 0,
-                 label_dropout: float = 0.1):
+                 label_dropout: float = 0.1, schedule_objective: str = "elbo",
+                 autocast_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
@@ -59,17 +96,36 @@ class VDM(nn.Module):
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if schedule_objective not in SCHEDULE_OBJECTIVES:
+            raise ValueError(f"schedule_objective must be one of {SCHEDULE_OBJECTIVES}, got {schedule_objective!r}")
+        if schedule_objective == "variance" and not getattr(schedule, "pinned", False):
+            raise ValueError("schedule_objective='variance' needs MonotoneNetSchedule(pinned=True): the endpoints "
+                             "descend the bound, the network between them the variance")
         self.score_net, self.schedule = score_net, schedule
+        self.schedule_objective, self.autocast_dtype = schedule_objective, autocast_dtype
+        self._variance_inputs = None
         self.image_shape = tuple(int(s) for s in image_shape)
         self.vocab_size, self.antithetic = vocab_size, antithetic
         self.prediction, self.weighting, self.sigmoid_bias = prediction, weighting, float(sigmoid_bias)
         self.num_classes, self.label_dropout = int(num_classes), float(label_dropout)
 
-    def _net(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor]) -> Tensor:
-        return self.score_net(z, gamma) if self.num_classes == 0 else self.score_net(z, gamma, labels)
+    def gamma(self, t: Tensor):
+        """``(gamma(t), gamma'(t))`` of the schedule."""
+        if isinstance(self.schedule, FixedLinearSchedule):  # vdm_fast's schedules return both
+            return self.schedule(t)
+        return gamma_and_derivative(self.schedule, t)
 
-    def _labels(self, labels: Optional[Tensor], B: int, device, generator) -> Optional[Tensor]:
-        """Training labels with ``label_dropout`` of them replaced by the null class."""
+    def _net(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor]) -> Tensor:
+        args = (z, gamma) if self.num_classes == 0 else (z, gamma, labels)
+        if self.autocast_dtype is None:
+            return self.score_net(*args)
+        with torch.autocast(z.device.type, dtype=self.autocast_dtype):
+            return self.score_net(*args)
+
+    def _labels(self, labels: Optional[Tensor], B: int, device, generator,
+                drop: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Training labels with ``label_dropout`` of them (or those where ``drop``) replaced by
+        the null class."""
         if self.num_classes == 0:
             if labels is not None:
                 raise ValueError("labels given to an unconditional model (num_classes = 0)")
@@ -80,8 +136,11 @@ class VDM(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: no class)")
         labels = labels.to(device)
         if self.training and self.label_dropout > 0:
-            drop = torch.rand(B, generator=generator, device=device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            if drop is None:
+                drop = torch.rand(B, generator=generator, device=device) < self.label_dropout
+            elif drop.shape != (B,) or drop.dtype != torch.bool:
+                raise ValueError(f"drop_labels must be a bool tensor of shape ({B},), got {drop.dtype} {tuple(drop.shape)}")
+            labels = torch.where(drop.to(device), torch.full_like(labels, self.num_classes), labels)
         return labels
 
     @property
@@ -97,17 +156,29 @@ class VDM(nn.Module):
 
     def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None, *,
                 t: Optional[Tensor] = None, eps: Optional[Tensor] = None,
-                eps_0: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> VDMOutput:
+                eps_0: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                drop_labels: Optional[Tensor] = None) -> VDMOutput:
         """One Monte-Carlo estimate of the bound's terms for each image of ``x``.
 
         ``T = 0``: continuous-time diffusion loss; ``T > 0``: the T-step discrete-time loss.
         The times ``t [B]`` and noises ``eps``, ``eps_0`` (shape of ``x``) are drawn from
         ``generator`` unless given (a data-parallel trainer slices them from a global draw).
-        ``labels``: class indices ``[B]`` of a conditional model (``num_classes`` = none).
+        ``labels``: class indices ``[B]`` of a conditional model (``num_classes`` = none);
+        ``drop_labels``: bool ``[B]``, which of them training replaces by the null class (drawn
+        with probability ``label_dropout`` unless given).
+
+        Under a weighting other than ``"elbo"`` the objective's value is the weighted loss, and
+        so is the score network's gradient; the schedule's gradient stays the bound's. The
+        network's output gradient is scaled by the per-example weight ``w_i`` and its inputs'
+        gradients (``z_t``, ``gamma_t``) by ``1 / w_i``, which undoes the weight on every path
+        into the schedule: exact for a network that treats examples independently (no batch
+        statistics), as every score network here does.
         """
         _checks.finite_number("T", T, integer=True)
         if T < 0:
             raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
+        if self.schedule_objective == "variance" and T:
+            raise ValueError("schedule_objective='variance' is defined for the continuous-time loss (T = 0)")
         _checks.images("x", x, self.vocab_size)
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must be [B, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
@@ -120,9 +191,9 @@ class VDM(nn.Module):
             t, s = discretize_time(t, T)
             times = [t, s] + times[1:]
         # One schedule call for every time the bound needs: t (and s), 0 and 1.
-        gamma, dgamma_dt = self.schedule(torch.cat(times))
+        gamma, dgamma_dt = self.gamma(torch.cat(times))
         gamma_t, dgamma_dt = gamma[:B], dgamma_dt[:B]
-        gamma_0, gamma_1 = gamma[-2].expand(B), gamma[-1].expand(B)
+        gamma_0, gamma_1 = gamma[-2], gamma[-1]  # one value for the batch: the ops broadcast it
 
         def noise(given):
             if given is None:
@@ -130,15 +201,45 @@ class VDM(nn.Module):
             return given.to(device, dtype)
 
         eps = noise(eps)
-        labels = self._labels(labels, B, device, generator)
-        pred = self._net(ops.diffuse(f, eps, gamma_t), gamma_t, labels)
+        labels = self._labels(labels, B, device, generator, drop_labels)
         gamma_s = gamma[B:2 * B] if T else None
+        z_t, gamma_in = ops.diffuse(f, eps, gamma_t), gamma_t
+        weighted = self.weighting != "elbo"
+        if weighted:
+            weight = diffusion_weight(self.weighting, gamma_t, dgamma_dt, gamma_s, T, self.sigmoid_bias).detach()
+            inverse = torch.where(weight > 0, 1.0 / weight, torch.zeros_like(weight))
+            z_t, gamma_in = _scale_grad(z_t, inverse), _scale_grad(gamma_t, inverse)
+        pred = self._net(z_t, gamma_in, labels)
+        if weighted:
+            pred = _scale_grad(pred, weight)
+        if self.schedule_objective == "variance" and torch.is_grad_enabled() and gamma_t.requires_grad:
+            gamma_t.retain_grad()
+            dgamma_dt.retain_grad()
         terms = ops.vlb_terms(x, eps, pred, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
                               gamma_s=gamma_s, T=T, vocab_size=self.vocab_size, prediction=self.prediction)
-        weight = diffusion_weight(self.weighting, gamma_t, dgamma_dt, gamma_s, T, self.sigmoid_bias)
-        objective = terms.bpd if self.weighting == "elbo" else \
-            (terms.reconstruction + terms.prior + weight * terms.diffusion) / (math.prod(self.image_shape) * math.log(2.0))
+        dims = math.prod(self.image_shape)
+        if self.schedule_objective == "variance" and gamma_t.requires_grad:
+            self._variance_inputs = (t, gamma_t, dgamma_dt, bits_per_dim(terms.diffusion.detach(), dims))
+        objective = terms.bpd
+        if weighted:  # the weighted loss's value, with the routed gradient of the bound's graph
+            weighted_bpd = bits_per_dim(terms.reconstruction + terms.prior + weight * terms.diffusion, dims)
+            objective = objective + (weighted_bpd - objective).detach()
         return VDMOutput(*terms, objective)
+
+    def variance_gradients_(self) -> None:
+        """After ``objective.mean().backward()`` of a ``schedule_objective="variance"`` model:
+        replace the schedule network's gradients with those of ``mean_i L_i^2`` (``L_i``: the
+        example's diffusion loss in bits per dim); the endpoints keep the bound's gradient."""
+        if self.schedule_objective != "variance":
+            raise RuntimeError("variance_gradients_ needs schedule_objective='variance'")
+        if self._variance_inputs is None or self._variance_inputs[1].grad is None:
+            raise RuntimeError("variance_gradients_ runs after a training forward and its backward")
+        t, gamma_t, dgamma_dt, loss = self._variance_inputs
+        self._variance_inputs = None
+        # The grads are those of the batch mean: dL_i/dgamma_i / B, so the result is the
+        # gradient of mean_i L_i^2.
+        grad_dgamma = dgamma_dt.grad if dgamma_dt.grad is not None else torch.zeros_like(gamma_t.grad)
+        self.schedule.variance_gradients_(t, gamma_t.grad, grad_dgamma, loss)
 
     @torch.no_grad()
     def bpd(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -176,7 +277,7 @@ class VDM(nn.Module):
         device = device if device is not None else next(self.parameters()).device
         z = torch.randn((n, *self.image_shape), generator=generator, device=device, dtype=self.dtype)
         grid = torch.arange(T, -1, -1, device=device, dtype=self.dtype) / T  # 1, ..., 1/T, 0
-        gammas, _ = self.schedule(grid)
+        gammas, _ = self.gamma(grid)
         gammas = gammas.detach()
         labels = None if labels is None else labels.to(device)
         for i in range(T):

@@ -1,0 +1,46 @@
+"""Dropout whose masks can be made a function of the example's global index.
+
+A data-parallel job splits a global batch over processes; with ``torch``'s own dropout each
+process draws its masks from its own generator, so two processes do not compute what one process
+with the whole batch would. Inside ``global_masks(seed, offset, global_batch)`` every
+``Dropout`` draws the mask of the *whole* global batch from a generator seeded by ``(seed, its
+call index)`` and keeps the rows ``offset .. offset + B`` of this process's examples: example i
+gets the same mask whichever process holds it. Outside the context it is ``torch.nn.Dropout``.
+"""
+
+import contextlib
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from vdm_fast.seeds import mix
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def global_masks(seed: int, offset: int, global_batch: int):
+    """Masks of the Dropouts called inside are functions of ``(seed, call index, offset + row)``."""
+    previous = getattr(_state, "masks", None)
+    _state.masks = {"seed": seed, "offset": offset, "global_batch": global_batch, "calls": 0}
+    try:
+        yield
+    finally:
+        _state.masks = previous
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: Tensor) -> Tensor:
+        masks = getattr(_state, "masks", None)
+        if masks is None or not self.training or self.p == 0.0:
+            return super().forward(x)
+        call = masks["calls"]
+        masks["calls"] += 1
+        if x.shape[0] + masks["offset"] > masks["global_batch"]:
+            raise ValueError(f"a batch of {x.shape[0]} at offset {masks['offset']} does not fit the global batch "
+                             f"of {masks['global_batch']}")
+        gen = torch.Generator(x.device).manual_seed(mix(masks["seed"], call))
+        u = torch.rand((masks["global_batch"], *x.shape[1:]), generator=gen, device=x.device)
+        keep = u[masks["offset"]:masks["offset"] + x.shape[0]] >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
