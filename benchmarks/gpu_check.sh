@@ -49,6 +49,8 @@ cat "$out/device.txt"
 step build 180 build.log bash -c "VDM_FAST_CUDA=1 $py -m pip install -v --no-build-isolation --no-deps . \
     && $py -c 'import vdm_fast; print(vdm_fast.build_info())'"
 # -P: import the installed package (with its compiled _C), not the source tree in the cwd.
+# The users' self-test first: every op on the card against its reference, one table.
+step self-test 60 cuda_tests.txt "$py" -P -m vdm_fast.check --device cuda
 step cuda-tests 180 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
 for impl in triton cuda; do
     step "bench_schedule $impl" 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda --impl "$impl"

@@ -74,3 +74,21 @@ def test_every_triton_kernel_compiles_for_the_card():
                          cwd="/", timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert out.stdout.strip().splitlines()[-1].endswith("for sm_90, 0 failed"), out.stdout[-2000:]
+
+
+def test_the_core_install_imports_none_of_the_extras():
+    # Compared with what importing torch alone brings in (torch itself imports tqdm if present).
+    script = ("import sys, torch; before = set(sys.modules); "
+              "import vdm_fast, vdm_fast.ops, vdm_fast.nn, vdm_fast.check; "
+              "print([m for m in ('sklearn', 'tqdm', 'PIL', 'yaml', 'constriction', 'diffusers') "
+              "if m in sys.modules and m not in before])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_a_missing_extra_names_the_pip_install_to_run(monkeypatch):
+    from vdm_fast import _extras
+
+    monkeypatch.setitem(_extras.EXTRAS, "train", ("tqdm", "no_such_module_for_the_test"))
+    with pytest.raises(SystemExit, match=r"missing: no_such_module_for_the_test.*pip install 'vdm_fast\[train\]'"):
+        _extras.require("train")
