@@ -92,3 +92,19 @@ def test_a_missing_extra_names_the_pip_install_to_run(monkeypatch):
     monkeypatch.setitem(_extras.EXTRAS, "train", ("tqdm", "no_such_module_for_the_test"))
     with pytest.raises(SystemExit, match=r"missing: no_such_module_for_the_test.*pip install 'vdm_fast\[train\]'"):
         _extras.require("train")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_kernels() or not _ext.build_info().get("openmp"),
+                    reason="needs vdm_fast._C built with OpenMP")
+def test_the_cpu_kernels_share_torchs_openmp_runtime_and_thread_count():
+    """torch's CPU build and vdm_fast._C both need libgomp.so.1: the process loads it once, so
+    the kernels run on torch's thread pool with torch.get_num_threads() threads."""
+    script = textwrap.dedent("""
+        import torch, vdm_fast
+        gomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+        torch.set_num_threads(1)
+        print(len(gomp), vdm_fast.build_info()["openmp_max_threads"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"], proc.stdout
