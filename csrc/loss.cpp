@@ -32,7 +32,7 @@ VDM_CLONES void recon_block(const void* x, const T* eps, int64_t i0, int n, T pr
   double wd[kReconBlock];
   for (int j = 0; j < n; ++j) {
     const int xi = load_x<X>(x, i0 + j, vocab);
-    const T z = grid_value<T>(xi < 0 ? 0 : xi, vocab) + scale * eps[i0 + j];
+    const T z = grid_value<T>(xi, vocab) + scale * eps[i0 + j];
     vstar[j] = recon_center(z, vocab);
     w[j] = z - grid_value<T>(vstar[j], vocab);
     wd[j] = w[j];

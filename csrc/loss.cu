@@ -37,7 +37,7 @@ recon_forward_kernel(const void* x, const T* eps, const T* gamma, T* out, int64_
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     const int64_t i = b * D + d;
     const int xi = load_x<X>(x, i, vocab);
-    const T z = grid_value<T>(xi < 0 ? 0 : xi, vocab) + scale * eps[i];
+    const T z = grid_value<T>(xi, vocab) + scale * eps[i];
     acc += recon_elem<T>(xi, z, prec, vocab, false).loss;
   }
   acc = block_sum(acc);
@@ -56,7 +56,7 @@ recon_backward_kernel(const void* x, const T* eps, const T* gamma, const T* grad
     const int64_t i = b * D + d;
     const int xi = load_x<X>(x, i, vocab);
     const T e = eps[i];
-    const T z = grid_value<T>(xi < 0 ? 0 : xi, vocab) + scale * e;
+    const T z = grid_value<T>(xi, vocab) + scale * e;
     const ReconElem<T> r = recon_elem<T>(xi, z, prec, vocab, true);
     grad_eps[i] = go * r.dz * scale;
     acc += T(0.5) * scale * e * r.dz - prec * r.dprec;

@@ -112,8 +112,9 @@ VDM_HD ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
 // Element dtypes accepted for x (the images); the latents are float or double.
 enum class XType : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloat64 = 4 };
 
-// The data value of element i, or -1 when it is not an integer in [0, vocab): the callers
-// turn -1 into a NaN u_x, so the example's loss and gradients are NaN. The ops check the
+// The data value of element i, or -1 when it is not an integer in [0, vocab): x_offset turns
+// -1 into a NaN u_x, so the example's loss and gradients are NaN (its z, from grid value -1,
+// stays finite and needs no special case). The ops check the
 // values in eager mode; this is what stands where they cannot (torch.compile, CUDA graphs),
 // so an out-of-range or fractional image can never yield a plausible wrong number.
 template <typename X>

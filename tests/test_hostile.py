@@ -18,7 +18,7 @@ from vdm_fast import checkpoint as ckpt
 from vdm_fast import compress, config, data, ops, train
 from vdm_fast.checkpoint import CheckpointError
 
-from test_train import TINY, params, run_cli
+from test_train import TINY, _fake_cifar, params, run_cli
 
 
 class _WritesMarker:
@@ -40,6 +40,29 @@ def trained(tmp_path_factory):
     return out / "checkpoint.pt"
 
 
+def _resume_from(tmp_path, checkpoint: Path):
+    """``train --resume`` of a run folder whose checkpoint is ``checkpoint`` (moved there)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint.replace(out / "checkpoint.pt")
+    return run_cli("vdm_fast.train", ["--out-dir", str(out), "--resume", "--steps", "6", *TINY])
+
+
+def _cifar_folder(root: Path, replace=None) -> Path:
+    """A CIFAR-10 folder of small fake batches, some of them ``replace``d by another batch dict
+    or by raw bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / "cifar-10-batches-py"
+    _fake_cifar(folder)
+    for name, batch in (replace or {}).items():
+        if isinstance(batch, bytes):
+            (folder / name).write_bytes(batch)
+        else:
+            with open(folder / name, "wb") as fh:
+                pickle.dump(batch, fh)
+    return folder
+
+
 # --- 1. loading a file never runs code ------------------------------------------------------
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, trained):
@@ -52,25 +75,14 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, trained):
                          ("vdm_fast.sample", ["--ckpt", str(evil), "--out", str(tmp_path / "s.png")])):
         proc = run_cli(module, args)
         assert proc.returncode != 0 and "could run code" in proc.stderr, proc.stderr
-    out = tmp_path / "run"
-    out.mkdir()
-    evil.replace(out / "checkpoint.pt")
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--resume", "--steps", "6", *TINY])
+    proc = _resume_from(tmp_path, evil)
     assert proc.returncode != 0 and "could run code" in proc.stderr, proc.stderr
     assert not marker.exists()
 
 
 def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     marker = tmp_path / "ran"
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [0, 1]}
-        if name == "data_batch_3":
-            batch[b"labels"] = _WritesMarker(marker)
-        with open(folder / name, "wb") as fh:
-            pickle.dump(batch, fh)
+    _cifar_folder(tmp_path, {"data_batch_3": {b"data": np.zeros((2, 3072), np.uint8), b"labels": _WritesMarker(marker)}})
     with pytest.raises(data.DataError, match="data_batch_3.*refused to load pathlib"):
         data.load("cifar10", str(tmp_path))
     assert not marker.exists()
@@ -170,10 +182,7 @@ def test_checkpoints_with_the_wrong_content_are_refused_by_name(tmp_path, traine
     _resave(state, bad, vocab_size=256)
     proc = run_cli("vdm_fast.evaluate", ["--ckpt", str(bad)])
     assert proc.returncode != 0 and "256-level images" in proc.stderr, proc.stderr
-    out = tmp_path / "run"
-    out.mkdir()
-    bad.replace(out / "checkpoint.pt")
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--resume", "--steps", "6", *TINY])
+    proc = _resume_from(tmp_path, bad)
     assert proc.returncode != 0 and "vocab_size=256" in proc.stderr, proc.stderr
 
 
@@ -293,27 +302,14 @@ def test_flags_are_range_checked_and_the_cli_says_so():
     assert config.resolve({"lr": "1e-3"}).lr == 1e-3
 
 
-def _cifar_folder(root: Path, n_labels=2, data_bytes=None):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": list(range(n_labels))}
-        with open(folder / name, "wb") as fh:
-            pickle.dump(batch, fh)
-    if data_bytes is not None:
-        (folder / "test_batch").write_bytes(data_bytes)
-    return folder
-
-
 def test_malformed_data_gives_one_line_errors_naming_the_file(tmp_path):
     np.save(tmp_path / "nchw.npy", np.zeros((20, 1, 8, 8), np.uint8))
     with pytest.raises(data.DataError, match=r"nchw.npy.*C = 8 channels.*transpose"):
         data.load("npy", str(tmp_path / "nchw.npy"))
-    _cifar_folder(tmp_path / "labels", n_labels=3)
+    _cifar_folder(tmp_path / "labels", {"data_batch_1": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1, 2]}})
     with pytest.raises(data.DataError, match="data_batch_1 has 2 images but labels of shape"):
         data.load("cifar10", str(tmp_path / "labels"))
-    _cifar_folder(tmp_path / "garbage", data_bytes=b"\x80\x04garbage")
+    _cifar_folder(tmp_path / "garbage", {"test_batch": b"\x80\x04garbage"})
     with pytest.raises(data.DataError, match="test_batch: not a readable CIFAR-10 batch"):
         data.load("cifar10", str(tmp_path / "garbage"))
     folder = _cifar_folder(tmp_path / "archive")

@@ -181,9 +181,9 @@ def check_compatible(state: dict, cfg: TrainConfig, path, image_shape, vocab_siz
                                   f"run's data has {name}={ours!r}")
 
 
-def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> None:
-    """``module.load_state_dict(weights)`` with a mismatch refused by name."""
-    expected = module.state_dict()
+def check_weights(expected: dict, weights: dict, path, what: str) -> None:
+    """Refuse by name ``weights`` whose names or shapes differ from ``expected``'s
+    (``{name: tensor}``)."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -194,6 +194,11 @@ def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> Non
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"checkpoint {path}: {what} weight {name} has shape {got}, "
                                   f"this model needs {tuple(expected[name].shape)}")
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> None:
+    """``module.load_state_dict(weights)`` with a mismatch refused by name."""
+    check_weights(module.state_dict(), weights, path, what)
     module.load_state_dict(weights)
 
 
@@ -241,5 +246,5 @@ class RunLock:
             self._fd = None
 
 
-__all__ = ["CheckpointError", "RunLock", "build_model", "check_compatible", "digest", "first_non_finite", "load",
-           "load_weights", "model_for_cli", "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict"]
+__all__ = ["CheckpointError", "RunLock", "build_model", "check_compatible", "check_weights", "digest",
+           "first_non_finite", "load", "load_weights", "model_for_cli", "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict"]

@@ -245,13 +245,9 @@ def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
         state = ckpt.load(ckpt_path)
         ckpt.check_compatible(state, cfg, ckpt_path, shape, vocab_size)
         ckpt.load_weights(model, state["model"], ckpt_path, "model")
-        names = [n for n, _ in model.named_parameters()]
-        if sorted(state["ema"]) != sorted(names):
-            raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: its EMA weights do not match the model's parameters")
-        for name, e in zip(names, ema):
-            if state["ema"][name].shape != e.shape:
-                raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: EMA weight {name} has shape "
-                                           f"{tuple(state['ema'][name].shape)}, the model needs {tuple(e.shape)}")
+        params = dict(model.named_parameters())
+        ckpt.check_weights(params, state["ema"], ckpt_path, "EMA")
+        for name, e in zip(params, ema):
             e.copy_(state["ema"][name])
         try:
             optimizer.load_state_dict(state["optimizer"])

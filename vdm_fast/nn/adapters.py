@@ -72,7 +72,7 @@ def gamma_and_derivative(schedule_fn, t: Tensor):
         leaf = t.detach().requires_grad_(True)
         gamma = schedule_fn(leaf)
         if isinstance(gamma, tuple) and len(gamma) == 2:
-            return schedule_fn(t)  # its own derivative: called again without the probe leaf
+            return gamma  # its own derivative
         if not isinstance(gamma, Tensor) or gamma.shape != t.shape:
             raise ValueError(f"schedule_fn(t) must return a tensor of t's shape {tuple(t.shape)}")
         (dgamma,) = torch.autograd.grad(gamma.sum(), leaf, create_graph=True)

@@ -212,13 +212,15 @@ class VDM(nn.Module):
         pred = self._net(z_t, gamma_in, labels)
         if weighted:
             pred = _scale_grad(pred, weight)
-        if self.schedule_objective == "variance" and torch.is_grad_enabled() and gamma_t.requires_grad:
+        # A training forward of a variance model keeps what variance_gradients_ needs.
+        track_variance = self.schedule_objective == "variance" and gamma_t.requires_grad
+        if track_variance:
             gamma_t.retain_grad()
             dgamma_dt.retain_grad()
         terms = ops.vlb_terms(x, eps, pred, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
                               gamma_s=gamma_s, T=T, vocab_size=self.vocab_size, prediction=self.prediction)
         dims = math.prod(self.image_shape)
-        if self.schedule_objective == "variance" and gamma_t.requires_grad:
+        if track_variance:
             self._variance_inputs = (t, gamma_t, dgamma_dt, bits_per_dim(terms.diffusion.detach(), dims))
         objective = terms.bpd
         if weighted:  # the weighted loss's value, with the routed gradient of the bound's graph

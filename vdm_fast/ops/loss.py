@@ -410,7 +410,9 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
     if T < 0:
         raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
     _noise_pair(eps, eps_hat)
-    _checks.images("x", x, _checks.vocab("vocab_size", vocab_size))
+    _checks.vocab("vocab_size", vocab_size)
+    # x's values are checked once, by reconstruction_loss below (a host sync each time).
+    _checks.tensor("x", x)
     _checks.same_shape("x", x, "eps", eps)
     _checks.same_device("x", x, "eps", eps)
     f = ref.encode(x, vocab_size, _compute_dtype(eps))

@@ -81,6 +81,14 @@ def _backward(ctx, grad_gamma, grad_dgamma):
 _gamma_nnet.register_autograd(_backward, setup_context=_setup)
 
 
+def _like_t(name: str, p, t: Tensor) -> None:
+    """A parameter of the schedule: a floating tensor on ``t``'s device, of ``t``'s dtype."""
+    _checks.tensor(name, p, floating=True)
+    _checks.same_device(name, p, "t", t)
+    if p.dtype != t.dtype:
+        raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
+
+
 def _check_params(t, w1, b1, w2, b2, w3) -> None:
     _checks.tensor("t", t, floating=True)
     if t.dim() != 1 or t.shape[0] == 0:
@@ -88,10 +96,7 @@ def _check_params(t, w1, b1, w2, b2, w3) -> None:
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"t must be float32 or float64, got {t.dtype}")
     for name, p in zip(PARAMS, (w1, b1, w2, b2, w3)):
-        _checks.tensor(name, p, floating=True)
-        _checks.same_device(name, p, "t", t)
-        if p.dtype != t.dtype:
-            raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
+        _like_t(name, p, t)
     layout = "torch Linear layout: w1 [1, 1], b1 [1], w2 [n, 1], b2 [n], w3 [1, n]"
     if w2.dim() != 2 or w2.shape[1] != 1 or w2.shape[0] < 1:
         raise ValueError(f"w2 must have shape (n, 1) with n >= 1 ({layout}), got {tuple(w2.shape)}")
@@ -129,12 +134,9 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     """
     _checks.tensor("t", t, floating=True)
     for name, p in (("gamma_0", gamma_0), ("gamma_1", gamma_1)):
-        _checks.tensor(name, p, floating=True)
+        _like_t(name, p, t)
         if tuple(p.shape) != (1,):
             raise ValueError(f"{name} must have shape (1,), got {tuple(p.shape)}")
-        _checks.same_device(name, p, "t", t)
-        if p.dtype != t.dtype:
-            raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
     if t.dim() != 1:
         raise ValueError(f"t must be a 1-d tensor of times [B], got shape {tuple(t.shape)}")
     B = t.shape[0]
