@@ -3,8 +3,10 @@
 // serves every torch version. The Python ops (vdm_fast/ops) validate inputs before calling in.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -124,13 +126,27 @@ PYBIND11_MODULE(_C, m) {
                                ptr<T>(grad_x), ptr<T>(grad_a), ptr<T>(grad_c), B, D);
     });
   }, nogil);
+  // Returns (min t, max t), NaN if any t is: the op's range check, read in the same call
+  // instead of a reduction and two host reads of its own.
   m.def("nnet_forward_cpu", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gamma,
                                Addr dgamma, int64_t B, int64_t n, const std::string& dtype) {
+    std::pair<double, double> range;
     with_dtype(dtype, [&](auto* tag) {
       using T = VDM_T;
-      vdm::nnet_forward_cpu<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
+      const T* times = ptr<T>(t);
+      double lo = INFINITY, hi = -INFINITY;
+      bool nan = false;
+      for (int64_t i = 0; i < B; ++i) {
+        const double v = times[i];
+        nan |= std::isnan(v);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+      }
+      range = nan ? std::make_pair(double(NAN), double(NAN)) : std::make_pair(lo, hi);
+      vdm::nnet_forward_cpu<T>(times, ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
                                ptr<T>(gamma), ptr<T>(dgamma), B, n);
     });
+    return range;
   }, nogil);
   m.def("nnet_backward_cpu", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gg,
                                 Addr gd, Addr gt, Addr gw1, Addr gb1, Addr gw2, Addr gb2, Addr gw3,

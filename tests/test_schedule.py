@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import RTOL, assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdm_fast import _ext, ops
 from vdm_fast import nn as vnn
@@ -207,13 +208,18 @@ def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(t=torch.tensor([0.5, 1.5])), ValueError, r"t must lie in \[0, 1\]"),
+    (dict(t=torch.tensor([-0.25, 0.5, 0.75])), ValueError, r"t must lie in \[0, 1\], got values in \[-0.25, 0.75\]"),
+    (dict(t=torch.tensor([0.5, float("nan")])), ValueError, r"t must lie in \[0, 1\], got values in \[nan, nan\]"),
     (dict(t=torch.tensor([[0.5]])), ValueError, "t must be a non-empty 1-d tensor"),
     (dict(w2=torch.randn(4)), ValueError, "w2 must have shape"),
     (dict(w3=torch.randn(1, 5)), ValueError, r"w3 must have shape \(1, 4\)"),
     (dict(b1=torch.randn(1, dtype=torch.float64)), TypeError, "b1 must have t's dtype"),
     (dict(t=torch.tensor([1, 0])), TypeError, "t must be a floating-point tensor"),
 ])
-def test_fused_schedule_rejects(change, error, match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fused_schedule_rejects(change, error, match, backend, monkeypatch):
+    """On the CPU kernel (which reads t's range as it runs) and on the reference path alike."""
+    monkeypatch.setenv("VDM_FAST_BACKEND", backend)
     good = dict(t=torch.rand(3), w1=torch.randn(1, 1), b1=torch.randn(1), w2=torch.randn(4, 1),
                 b2=torch.randn(4), w3=torch.randn(1, 4))
     with pytest.raises(error, match=match):
@@ -262,3 +268,42 @@ def test_cuda_schedule_matches_autograd_reference(impl, B, monkeypatch, poisoned
         again, _ = _fused_and_reference(ops.gamma_nnet, t.cuda(), [p.cuda() for p in params],
                                         [u.cuda() for u in upstream])
         assert all(torch.equal(a, b) for a, b in zip(fused, again)), "not deterministic"
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled CPU kernels")
+def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(monkeypatch):
+    """A plain eager call runs the kernel function without the dispatcher (its per-call cost was a
+    quarter of the B=128 step); under a dispatch mode (make_fx, fake tensors, FlopCounterMode)
+    the registered ops run, with the same results to the bit."""
+    t = torch.rand(16, dtype=torch.float64)
+    params = [p.requires_grad_() for p in _random_nnet_params(n=8)]
+    weights = torch.randn(2, 16, dtype=torch.float64)
+
+    def run():
+        gamma, dgamma = ops.gamma_nnet(t, *params)
+        return (gamma, dgamma, *torch.autograd.grad((weights[0] * gamma + weights[1] * dgamma).sum(), params))
+
+    with _RecordOps() as mode:
+        traced = run()
+    assert "vdm_fast.gamma_nnet.default" in mode.ops and "vdm_fast.gamma_nnet_backward.default" in mode.ops
+
+    def refuse(*args):
+        raise AssertionError("an eager call went through the dispatcher")
+
+    for op in (ops_schedule._gamma_nnet, ops_schedule._gamma_nnet_backward):
+        monkeypatch.setattr(op, "overload", refuse)
+    eager = run()
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
