@@ -164,6 +164,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr if cfg.warmup == 0 else cfg.lr * min(1.0, step / cfg.warmup)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW as the official recipe sets it (betas 0.9, 0.99; no decay on biases). Its fused
+    implementation (one kernel over all parameters, on CPU and CUDA) where every parameter is on
+    a device it supports: the per-parameter loop cost ~4 % of a digits step on the CPU (profiled)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                                  torch.float16) for p in model.parameters())
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
+                             fused=fused or None)
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
 
@@ -314,8 +324,7 @@ class _Run:
                 model.autocast_dtype = torch.bfloat16  # the score network only
         self.model, self.params = model, list(model.parameters())
         self.ema = [p.detach().clone() for p in self.params]
-        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99),
-                                           eps=1e-8)
+        self.optimizer = make_optimizer(model, cfg)
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
         if cfg.resume:
             self.step, self.skipped = _restore(cfg, self.ckpt_path, model, self.ema, self.optimizer, self.shape,
