@@ -1,11 +1,22 @@
-"""Monotone noise schedule: autograd reference (gamma' through create_graph, then a double
-backward) vs the fused op, gamma and gamma' forward plus the backward of both, in one run.
+"""Monotone noise schedule: gamma and gamma' forward plus the backward of both, every way to
+compute them side by side in one run.
 
     python benchmarks/bench_schedule.py [--device cpu|cuda] [--impl triton|cuda]
 
-n = 1024 hidden units, B = 128, 1024 and 65536 times. Prints a markdown table (microseconds per
-forward+backward, medians over five interleaved rounds of reference and fused, ratio). On CUDA it adds the fused step captured in a CUDA graph and replayed:
-the device time of its kernels without Python's per-launch cost, which at B=128 dominates eager.
+Implementations, n = 1024 hidden units, B = 128, 1024 and 65536 times:
+- ``reference``: ``vdm_fast.reference.schedule.nnet``, gamma' through autograd with
+  ``create_graph`` and then a double backward (what the official code does);
+- ``lean``: the derivative written out by hand in plain PyTorch (``lean_nnet`` below, one
+  backward): the strongest baseline a user writes in an afternoon;
+- ``lean, compiled``: ``torch.compile`` of it (``torch.compile`` cannot take the reference's
+  double backward: "torch.compile with aot_autograd does not currently support double backward");
+- ``vdm_fast``: the fused op.
+
+Prints a markdown table: microseconds per forward+backward (medians over five rounds that time
+every implementation in turn), the fused op's speed-up over each, peak memory, and, in a second
+table, the fused op's speed-up over ``lean`` in every round. On CUDA it adds the fused step
+captured in a CUDA graph and replayed: the device time of its kernels without Python's
+per-launch cost, which at B=128 dominates eager.
 """
 
 import argparse
@@ -18,9 +29,9 @@ from vdm_fast import ops
 from vdm_fast.reference import schedule as ref
 
 try:
-    from benchmarks.common import header, table, time_fn, time_interleaved
+    from benchmarks.common import compiled, header, measure, rows, table, time_fn
 except ImportError:  # run as a script from the repository root
-    from common import header, table, time_fn, time_interleaved
+    from common import compiled, header, measure, rows, table, time_fn
 
 SIZES = (128, 1024, 65536)
 
@@ -30,6 +41,17 @@ def make_inputs(B, device, n=1024):
     params = [p.to(device).requires_grad_() for p in params]
     t = torch.rand(B, device=device)
     return t, params, torch.randn(B, device=device), torch.randn(B, device=device)
+
+
+def lean_nnet(t, w1, b1, w2, b2, w3):
+    """``(gamma, gamma')`` of the monotone network with gamma' written out:
+    ``gamma' = |w1| + (1/n) sum_j |w3_j| 2 h_j (1 - h_j) 2 |w2_j|``, ``h = sigmoid(|w2| (2t - 1) + b2)``."""
+    t = t.reshape(-1, 1)
+    a2, a3 = w2.abs().reshape(1, -1), w3.abs().reshape(-1, 1) / w2.shape[0]
+    h = torch.sigmoid(torch.addmm(b2, 2.0 * t - 1.0, a2))
+    gamma = torch.addmm(b1 + t * w1.abs(), 2.0 * h - 1.0, a3)
+    dgamma = torch.addmm(w1.abs().expand_as(t), 4.0 * h * (1.0 - h) * a2, a3)
+    return gamma.reshape(-1), dgamma.reshape(-1)
 
 
 def step(fn, t, params, gg, gd):
@@ -65,32 +87,35 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impl", choices=("triton", "cuda"), default=None,
                         help="CUDA kernels to time (sets VDM_FAST_CUDA_IMPL)")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.impl:
         os.environ["VDM_FAST_CUDA_IMPL"] = args.impl
-    rows = []
+    out, per_round = [], []
     for B in SIZES:
         inputs = make_inputs(B, args.device)
-        timed = time_interleaved({"reference": lambda: step(ref.nnet, *inputs),
-                                  "fused": lambda: step(ops.gamma_nnet, *inputs)}, args.device,
-                                 rounds=5 if B <= 1024 else 1)
-        reference, fused = timed["reference"], timed["fused"]
-        rows.append({"B": B, "reference us": f"{reference * 1e6:.0f}", "fused us": f"{fused * 1e6:.0f}",
-                     "speed-up": f"{reference / fused:.1f}x"})
+        lean = lambda: step(lean_nnet, *inputs)  # noqa: E731
+        impls = {"reference": lambda: step(ref.nnet, *inputs), "lean": lean, "lean, compiled": compiled(lean),
+                 "vdm_fast": lambda: step(ops.gamma_nnet, *inputs)}
+        results = measure(impls, args.device, rounds=args.rounds if B <= 1024 else 1, min_time=0.2)
+        out += rows({"B": B}, results)
+        per_round.append({"B": B, "vdm_fast vs lean, each round": ", ".join(
+            f"{lean_s / fused_s:.1f}x" for lean_s, fused_s in zip(results["lean"].rounds, results["vdm_fast"].rounds))})
         if args.device.startswith("cuda"):
             try:
-                graphed = time_fn(cuda_graph_replay(lambda: step(ops.gamma_nnet, *inputs), args.device), args.device)
-                rows[-1]["fused, CUDA graph us"] = f"{graphed * 1e6:.1f}"
-            except RuntimeError as err:  # the eager columns stand on their own
-                rows[-1]["fused, CUDA graph us"] = f"failed: {err}".splitlines()[0][:80]
-        print(rows[-1], flush=True)
+                graphed = time_fn(cuda_graph_replay(impls["vdm_fast"], args.device), args.device)
+                out.append({"B": B, "implementation": "vdm_fast, CUDA graph replay", "ms": f"{graphed * 1e3:.4f}"})
+            except RuntimeError as err:  # the eager rows stand on their own
+                out.append({"B": B, "implementation": "vdm_fast, CUDA graph replay",
+                            "ms": f"failed: {err}".splitlines()[0][:80]})
+        for row in out[-len(impls):]:
+            print(row, flush=True)
     impl = f", {os.environ.get('VDM_FAST_CUDA_IMPL', 'triton')} kernels" if args.device.startswith("cuda") else ""
     print()
     print(header(f"Monotone schedule (n=1024), gamma + gamma' forward and backward{impl}", args.device))
-    columns = ["B", "reference us", "fused us", "speed-up"]
-    if args.device.startswith("cuda"):
-        columns.append("fused, CUDA graph us")
-    print(table(rows, columns))
+    print(table(out, ["B", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s"]))
+    print()
+    print(table(per_round, ["B", "vdm_fast vs lean, each round"]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""U-Net blocks on the GPU: fused (Triton) vs reference eager vs torch.compile of the reference,
-forward + backward, bf16, in one run; and a whole CIFAR-10 U-Net training step.
+"""U-Net blocks, forward + backward: the reference eager, ``torch.compile`` of the reference, and
+the fused op, side by side in one run, with peak memory.
 
-    python benchmarks/bench_unet.py            (needs a CUDA GPU)
+    python benchmarks/bench_unet.py [--device cpu|cuda] [--batch B]
+
+CUDA: bf16, C = 128 at 32x32 and 64x64 (the CIFAR-10 U-Net's blocks), NCHW and channels_last,
+and a whole CIFAR-10 U-Net training step. CPU: fp32, the digits model's blocks (C = 64, 8x8)
+and a CIFAR-10 block (C = 128, 32x32). On the CPU the fused ops run the reference composition
+(torch's own group_norm and scaled_dot_product_attention kernels; the Triton kernels are for
+GPUs), so there the rows show what ``torch.compile`` would add.
 
 GroupNorm+SiLU also reports GB/s (x and y forward; x, dy and dx backward) against the measured
 copy bandwidth.
@@ -18,73 +24,90 @@ from vdm_fast.reference import attention as reference_attention
 from vdm_fast.reference import norm as reference_norm
 
 try:
-    from benchmarks.common import header, table, time_fn
+    from benchmarks.common import compiled, header, measure, rows, table
 except ImportError:  # run as a script from the repository root
-    from common import header, table, time_fn
+    from common import compiled, header, measure, rows, table
 
 
-def fwd_bwd(fn, inputs):
+def fwd_bwd(fn, *inputs):
     def step():
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
     return step
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_unet measures the GPU kernels: it needs a CUDA GPU")
-    dev, dt, B, C = "cuda", torch.bfloat16, args.batch, 128
-    rows = []
-    for size in (32, 64):
-        x = torch.randn(B, C, size, size, device=dev, dtype=dt, requires_grad=True)
-        w, b = (torch.randn(C, device=dev, requires_grad=True) for _ in range(2))
-        cond = torch.randn(B, C, device=dev, dtype=dt, requires_grad=True)
-        norm_impls = {"fused": fused_norm.group_norm_silu, "eager": reference_norm.group_norm_silu,
-                      "compiled": torch.compile(reference_norm.group_norm_silu)}
-        for layout, name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "NHWC")):
-            xl = x.detach().contiguous(memory_format=layout).requires_grad_()
-            times = {k: time_fn(fwd_bwd(lambda x, w, b, c, f=f: f(x, w, b, 32, 1e-6, True, c), (xl, w, b, cond)),
-                                dev) for k, f in norm_impls.items()}
-            gbs = 5 * x.numel() * x.element_size() / times["fused"] / 1e9
-            rows.append({"block": f"GroupNorm+SiLU+cond {size}x{size} {name}",
-                         **{k: f"{v * 1e3:.3f}" for k, v in times.items()},
-                         "fused vs eager": f"{times['eager'] / times['fused']:.2f}x",
-                         "fused vs compiled": f"{times['compiled'] / times['fused']:.2f}x", "fused GB/s": f"{gbs:.0f}"})
-            print(rows[-1], flush=True)
-        p = [(torch.randn(s, device=dev) * 0.05).requires_grad_() for s in ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))]
-        attn_impls = {"fused": fused_attention.attention_block, "eager": reference_attention.attention_block,
-                      "compiled": torch.compile(reference_attention.attention_block)}
-        with torch.autocast("cuda", dtype=dt):
-            times = {k: time_fn(fwd_bwd(lambda x, *q, f=f: f(x, *q, 1, 32, 1e-6), (x, *p)), dev)
-                     for k, f in attn_impls.items()}
-        rows.append({"block": f"attention block {size}x{size}", **{k: f"{v * 1e3:.3f}" for k, v in times.items()},
-                     "fused vs eager": f"{times['eager'] / times['fused']:.2f}x",
-                     "fused vs compiled": f"{times['compiled'] / times['fused']:.2f}x"})
-        print(rows[-1], flush=True)
+def implementations(reference, fused, *inputs):
+    return {"reference": fwd_bwd(reference, *inputs), "reference, compiled": fwd_bwd(compiled(reference), *inputs),
+            "vdm_fast": fwd_bwd(fused, *inputs)}
 
+
+def norm_rows(dev, dt, B, C, size, layouts):
+    out = []
+    x = torch.randn(B, C, size, size, device=dev, dtype=dt)
+    w, b = (torch.randn(C, device=dev, requires_grad=True) for _ in range(2))
+    cond = torch.randn(B, C, device=dev, dtype=dt, requires_grad=True)
+    for layout, name in layouts:
+        xl = x.contiguous(memory_format=layout).requires_grad_()
+        results = measure(implementations(
+            lambda x, w, b, c: reference_norm.group_norm_silu(x, w, b, 32, 1e-6, True, c),
+            lambda x, w, b, c: fused_norm.group_norm_silu(x, w, b, 32, 1e-6, True, c), xl, w, b, cond), dev)
+        out += rows({"block": f"GroupNorm+SiLU+cond, B={B}, C={C}, {size}x{size} {name}"}, results)
+        out[-1]["GB/s"] = f"{5 * x.numel() * x.element_size() / results['vdm_fast'].seconds / 1e9:.0f}"
+    return out
+
+
+def attention_rows(dev, dt, B, C, size):
+    x = torch.randn(B, C, size, size, device=dev, dtype=dt, requires_grad=True)
+    p = [(torch.randn(s, device=dev) * 0.05).requires_grad_() for s in ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))]
+    with torch.autocast(dev, dtype=dt, enabled=dt != torch.float32):
+        results = measure(implementations(lambda *a: reference_attention.attention_block(*a, 1, 32, 1e-6),
+                                          lambda *a: fused_attention.attention_block(*a, 1, 32, 1e-6), x, *p), dev)
+    return rows({"block": f"attention block, B={B}, C={C}, {size}x{size}"}, results)
+
+
+def cifar_training_step_rows(dev, dt, B):
+    """The CIFAR-10 U-Net (channels_last, bf16 autocast), forward + backward + AdamW."""
     net = vnn.ScoreUNet(in_channels=3).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     z, g = torch.randn(B, 3, 32, 32, device=dev), torch.rand(B, device=dev) * 18 - 13
-    steps = {}
-    for ops in ("reference", "fused"):
-        net.set_ops(ops)
 
-        def train_step():
-            with torch.autocast("cuda", dtype=dt):
-                loss = net(z, g).float().square().mean()
+    def train_step(model, ops):
+        def step():
+            net.set_ops(ops)
+            with torch.autocast(dev, dtype=dt):
+                loss = model(z, g).float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        return step
 
-        steps[ops] = time_fn(train_step, dev, min_time=2.0)
-    rows.append({"block": "CIFAR-10 U-Net training step", "fused": f"{steps['fused'] * 1e3:.1f}",
-                 "eager": f"{steps['reference'] * 1e3:.1f}", "fused vs eager": f"{steps['reference'] / steps['fused']:.2f}x"})
+    results = measure({"reference": train_step(net, "reference"),
+                       "reference, compiled": train_step(compiled(net), "reference"),
+                       "vdm_fast": train_step(net, "fused")}, dev, min_time=2.0)
+    return rows({"block": f"CIFAR-10 U-Net training step, B={B}"}, results)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 64 on the CPU")
+    args = parser.parse_args()
+    dev = args.device
+    layouts = [(torch.contiguous_format, "NCHW"), (torch.channels_last, "NHWC")]
+    out = []
+    if dev == "cuda":
+        dt, B = torch.bfloat16, args.batch or 128
+        for size in (32, 64):
+            out += norm_rows(dev, dt, B, 128, size, layouts) + attention_rows(dev, dt, B, 128, size)
+            print(*out, sep="\n", flush=True)
+        out += cifar_training_step_rows(dev, dt, B)
+    else:
+        dt, B = torch.float32, args.batch or 64
+        out += norm_rows(dev, dt, B, 64, 8, layouts[:1]) + attention_rows(dev, dt, B, 64, 8)
+        out += norm_rows(dev, dt, B, 128, 32, layouts[:1]) + attention_rows(dev, dt, B, 128, 32)
     print()
-    print(header(f"U-Net blocks, B={B}, C={C}, bf16, forward + backward (ms)", dev))
-    print(table(rows, ["block", "eager", "compiled", "fused", "fused vs eager", "fused vs compiled", "fused GB/s"]))
+    print(header(f"U-Net blocks, {str(dt).removeprefix('torch.')}, forward + backward", dev))
+    print(table(out, ["block", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s", "GB/s"]))
 
 
 if __name__ == "__main__":

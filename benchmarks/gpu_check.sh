@@ -55,8 +55,9 @@ step cuda-tests 180 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprov
 for impl in triton cuda; do
     step "bench_schedule $impl" 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda --impl "$impl"
 done
-step bench_loss 120 bench_loss.md "$py" benchmarks/bench_loss.py --device cuda --ref-limit-gb 100
-step "bench_loss cuda-cpp" 45 bench_loss.md env VDM_FAST_CUDA_IMPL=cuda "$py" benchmarks/bench_loss.py --device cuda --quick
+step bench_loss 150 bench_loss.md "$py" benchmarks/bench_loss.py --device cuda --ref-limit-gb 100
+step "bench_loss cuda-cpp" 45 bench_loss.md env VDM_FAST_CUDA_IMPL=cuda "$py" benchmarks/bench_loss.py --device cuda \
+    --impls vdm_fast
 step bench_unet 150 bench_unet.md "$py" benchmarks/bench_unet.py
-step bench_train 60 bench_train.md "$py" benchmarks/bench_train.py --device cuda --steps 10
+step bench_train 90 bench_train.md "$py" benchmarks/bench_train.py --device cuda --schedules nnet
 cat "$out/summary.md"
