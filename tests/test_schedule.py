@@ -307,3 +307,15 @@ def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(monkeypat
     eager = run()
     for a, b in zip(eager, traced):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled CPU kernels")
+def test_vmap_goes_through_the_registered_op():
+    """vmap's batched tensors look like plain tensors but hold no storage: the op must take the
+    dispatcher (and torch's per-example fallback), not the eager path's data pointers."""
+    t = torch.rand(3, 16, dtype=torch.float64)
+    params = _random_nnet_params(n=8)
+    gamma, dgamma = torch.vmap(lambda row: ops.gamma_nnet(row, *params))(t)
+    for i in range(3):
+        expected = ops.gamma_nnet(t[i], *params)
+        assert torch.equal(gamma[i], expected[0]) and torch.equal(dgamma[i], expected[1])

@@ -8,8 +8,9 @@ dispatch (the op is one ``OpOverload``, traced opaquely by ``torch.compile`` thr
 differentiable through its autograd kernel, checked by ``torch.library.opcheck``) without them.
 
 Plain eager calls skip even the dispatcher: calling a ``KernelOp`` on ordinary tensors, with no
-trace, no dispatch mode (``make_fx``, fake tensors, ``FlopCounterMode``) and no tensor subclass
-about, runs the kernel function, through an ``autograd.Function`` when a gradient is wanted.
+trace, no dispatch mode (``make_fx``, fake tensors, ``FlopCounterMode``), no ``torch.func``
+transform (``vmap``, ``grad``) and no tensor subclass about, runs the kernel function, through an
+``autograd.Function`` when a gradient is wanted.
 The two round trips through the dispatcher into Python that this saves (the op and its
 autograd kernel, forward and backward) were a quarter of the fused schedule's step at B=128.
 Everything else goes through the registered op, so both paths run the same kernel function.
@@ -87,8 +88,10 @@ class KernelOp:
 
 
 def _plain_eager(args) -> bool:
-    """Whether a call may skip the dispatcher: eager, no dispatch mode, only plain tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    """Whether a call may skip the dispatcher: eager, no dispatch mode, no torch.func transform
+    (vmap's batched tensors look like plain ones but hold no storage), only plain tensors."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._functorch.maybe_current_level() is not None):
         return False
     return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
