@@ -105,9 +105,6 @@ def _check_params(t, w1, b1, w2, b2, w3) -> None:
     for name, p in zip(PARAMS, (w1, b1, w2, b2, w3)):
         if name in expected and tuple(p.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} ({layout}), got {tuple(p.shape)}")
-    # The CPU kernel checks t's range itself (``_gamma_nnet``); elsewhere it is read here.
-    if not (t.device.type == "cpu" and _ext.fused_available(t.device)) and _checks.values_readable(t):
-        _check_range(*(v.item() for v in torch.aminmax(t.detach())))
 
 
 def _check_range(lo: float, hi: float) -> None:
@@ -123,7 +120,11 @@ def gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Te
     float64. Gradients flow to ``t`` and every parameter from either output.
     """
     _check_params(t, w1, b1, w2, b2, w3)
-    if not _ext.fused_available(t.device, cuda_cpp=True):
+    fused = _ext.fused_available(t.device, cuda_cpp=True)
+    # The CPU kernel checks t's range as it runs (``_gamma_nnet``); elsewhere it is read here.
+    if not (fused and t.device.type == "cpu") and _checks.values_readable(t):
+        _check_range(*(v.item() for v in torch.aminmax(t.detach())))
+    if not fused:
         return ref.nnet(t, w1, b1, w2, b2, w3)
     return _gamma_nnet(t, w1, b1, w2, b2, w3)
 
