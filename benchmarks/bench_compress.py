@@ -1,7 +1,8 @@
-"""Bits-back compression with a trained VDM: bit-exact round trip, rate against the model's
-T-step negative ELBO and against PNG, zlib, lzma and the per-pixel histogram, and speed.
+"""Bits-back compression with a trained VDM: bit-exact round trip, the whole file's rate against
+the model's T-step negative ELBO and against zlib, lzma, PNG, WebP and JPEG XL (lossless) on the
+same set of images, and speed.
 
-    python benchmarks/bench_compress.py --ckpt runs/vdm/checkpoint.pt [--n 100] [--T 100]
+    python benchmarks/bench_compress.py --ckpt runs/vdm/checkpoint.pt [--n 10 100 0] [--T 100]
 
 Uses the checkpoint's dataset (its test split). Prints a markdown table.
 """
@@ -26,66 +27,86 @@ except ImportError:  # run as a script from the repository root
     from common import table
 
 
-def png_bits(images, vocab):
-    """Each image as its own 8-bit PNG (values scaled to 0..255), at Pillow's best compression."""
-    total = 0
-    for img in images:
-        arr = (img.permute(1, 2, 0).numpy() * (255 // (vocab - 1))).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", optimize=True)
-        total += 8 * len(buf.getvalue())
-    return total
+def _strip(images, vocab):
+    """The images stacked into one 8-bit picture (values scaled to 0..255), as an image codec
+    would store a set of them; [n H, W] grey or [n H, W, 3] colour."""
+    arr = images.permute(0, 2, 3, 1).numpy().astype(np.int64) * 255 // (vocab - 1)
+    arr = arr.reshape(-1, *arr.shape[2:]).astype(np.uint8)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def pillow_bits(images, vocab, **save):
+    buf = io.BytesIO()
+    Image.fromarray(_strip(images, vocab)).save(buf, **save)
+    return 8 * len(buf.getvalue())
+
+
+def jxl_bits(images, vocab):
+    """JPEG XL lossless (imagecodecs' libjxl binding), or None where it is not installed."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    return 8 * len(imagecodecs.jpegxl_encode(_strip(images, vocab), lossless=True, effort=9))
+
+
+def baselines(images, vocab):
+    """Bits of each baseline codec on the set of images."""
+    raw = images.to(torch.uint8).numpy().tobytes()
+    return {"zlib -9": 8 * len(zlib.compress(raw, 9)), "lzma -9": 8 * len(lzma.compress(raw, preset=9)),
+            "PNG (Pillow, optimize)": pillow_bits(images, vocab, format="PNG", optimize=True),
+            "WebP lossless (Pillow)": pillow_bits(images, vocab, format="WEBP", lossless=True, quality=100, method=6),
+            "JPEG XL lossless (imagecodecs)": jxl_bits(images, vocab)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--n", type=int, default=100, help="test images")
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 0], help="files of the first n test "
+                        "images (0: all)")
     parser.add_argument("--T", type=int, default=100)
-    parser.add_argument("--chunk", type=int, default=1)
+    parser.add_argument("--max-chunk", type=int, default=32)
+    parser.add_argument("--grid-bits", type=int, default=2)
     parser.add_argument("--elbo-samples", type=int, default=100, help="Monte-Carlo samples of the bound")
     args = parser.parse_args()
 
     model, cfg, _ = model_from_checkpoint(args.ckpt)
     ds = data.load(cfg.data, cfg.data_dir)
-    images = ds.test.images[: args.n].long()
-    dims = images[0].numel()
-    n_bits = len(images) * dims
-
-    t0 = time.perf_counter()
-    stream = compress.encode(model, images, T=args.T, chunk=args.chunk, progress=True)
-    t1 = time.perf_counter()
-    decoded = compress.decode(model, stream, progress=True)
-    t2 = time.perf_counter()
-    exact = torch.equal(decoded, images)
-    report = compress.rate_report(stream, len(images), dims)
-
-    model = model.double().eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        nelbo = torch.stack([model.bpd(images, T=args.T, generator=g) for _ in range(args.elbo_samples)])
-    per_run = nelbo.mean(1)
-    nelbo_mean, nelbo_err = per_run.mean().item(), per_run.std().item() / math.sqrt(len(per_run))
-
-    raw = images.to(torch.uint8).numpy().tobytes()
-    rows = [
-        {"method": f"VDM bits-back, net (T={args.T})", "bpd": f"{report['net_bpd']:.4f}"},
-        {"method": f"VDM bits-back, whole file ({report['overhead_bits']} bits initial overhead)",
-         "bpd": f"{report['total_bpd']:.4f}"},
-        {"method": f"VDM negative ELBO (T={args.T}, {args.elbo_samples} samples)",
-         "bpd": f"{nelbo_mean:.4f} ± {nelbo_err:.4f}"},
-        {"method": "per-pixel histogram (fitted on train)",
-         "bpd": f"{data.histogram_bpd(ds.train.images, ds.test.images[: args.n], ds.vocab_size):.4f}"},
-        {"method": "PNG, one file per image", "bpd": f"{png_bits(images, ds.vocab_size) / n_bits:.4f}"},
-        {"method": "zlib -9 of the raw bytes", "bpd": f"{8 * len(zlib.compress(raw, 9)) / n_bits:.4f}"},
-        {"method": "lzma of the raw bytes", "bpd": f"{8 * len(lzma.compress(raw, preset=9)) / n_bits:.4f}"},
-    ]
-    print()
-    print(f"## Bits-back compression, {cfg.data} test images (n={len(images)}, {dims} dims each)\n")
-    print(f"round trip bit-exact: {exact}; net rate / negative ELBO = {report['net_bpd'] / nelbo_mean:.4f}; "
-          f"encode {len(images) / (t1 - t0):.1f} images/s, decode {len(images) / (t2 - t1):.1f} images/s "
-          f"(chunk {args.chunk}, CPU float64, 1 thread)\n")
-    print(table(rows, ["method", "bpd"]))
+    dims = math.prod(model.image_shape)
+    rows, speed = [], []
+    for n in args.n:
+        images = ds.test.images[: n or len(ds.test.images)].long()
+        chunks = []
+        t0 = time.perf_counter()
+        stream = compress.encode(model, images, T=args.T, max_chunk=args.max_chunk, grid_bits=args.grid_bits,
+                                 progress=True, chunks=chunks)
+        t1 = time.perf_counter()
+        exact = torch.equal(compress.decode(model, stream, progress=True), images)
+        t2 = time.perf_counter()
+        speed.append(f"n = {len(images)}: round trip exact {exact}, encode {len(images) / (t1 - t0):.2f} images/s, "
+                     f"decode {len(images) / (t2 - t1):.2f} images/s, {chunks.count(0)} images coded directly, "
+                     f"{len(chunks)} chunks")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # [samples, images] Monte-Carlo draws of each image's bound
+            draws = torch.stack([model.double().eval().bpd(images, T=args.T, generator=g)
+                                 for _ in range(args.elbo_samples)])
+        direct = chunks.count(0)
+        nelbo, err = draws.mean().item(), draws.mean(1).std().item() / math.sqrt(len(draws))
+        tail = draws[:, direct:].mean().item()  # the images coded by bits-back
+        payload_bits = compress.rate_report(stream, len(images), dims)["payload_bpd"] * len(images) * dims
+        tail_bpd = (payload_bits - direct * dims * math.log2(ds.vocab_size)) / ((len(images) - direct) * dims)
+        bits = len(images) * dims
+        row = {"images": len(images), f"negative ELBO (T={args.T})": f"{nelbo:.4f} ± {err:.4f}",
+               "VDM file": f"{8 * len(stream) / bits:.4f}", "file / ELBO": f"{8 * len(stream) / bits / nelbo:.4f}",
+               "bits-back part / its ELBO": f"{tail_bpd:.4f} / {tail:.4f} = {tail_bpd / tail:.4f}"}
+        row.update({name: "not installed" if b is None else f"{b / bits:.4f}"
+                    for name, b in baselines(images, ds.vocab_size).items()})
+        rows.append(row)
+    print(f"\n## Bits-back compression, {cfg.data} test images ({dims} dims each), bits per dim\n")
+    print(f"T = {args.T}, max_chunk {args.max_chunk}, grid 2^-{args.grid_bits} std, CPU float64, "
+          f"{torch.get_num_threads()} threads\n")
+    print("\n".join(f"- {line}" for line in speed) + "\n")
+    print(table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

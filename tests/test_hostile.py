@@ -337,29 +337,25 @@ def test_malformed_data_gives_one_line_errors_naming_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_stream(trained):
     model, _, _ = ckpt.model_from_checkpoint(trained)
-    images = torch.randint(0, 17, (2, 1, 8, 8))
-    return model, images, compress.encode(model, images, T=2)
-
-
-def _restamp(body: bytes) -> bytes:
-    import hashlib
-
-    return body + hashlib.sha256(body).digest()
+    images = torch.randint(0, 17, (12, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    chunks = []
+    stream = compress.encode(model, images, T=2, chunks=chunks)
+    assert 0 in chunks and max(chunks) > 0  # both direct and bits-back chunks are in the stream
+    return model, images, stream
 
 
 def _with_header(stream: bytes, **changes) -> bytes:
-    import struct
+    """The stream re-packed with header fields changed, under a valid checksum."""
+    import dataclasses
 
-    head_len = struct.unpack("<HI", stream[4:10])[1]
-    header = json.loads(stream[10:10 + head_len])
-    header.update(changes)
-    head = json.dumps(header).encode()
-    return _restamp(stream[:4] + struct.pack("<HI", 1, len(head)) + head + stream[10 + head_len:-32])
+    header, payload = compress._unpack(stream)
+    return compress._pack(dataclasses.replace(header, **changes), payload)
 
 
-@pytest.mark.parametrize("changes", [dict(T=10**12), dict(shape=[2**31, 1, 8, 8]), dict(init_words=2**40),
-                                     dict(chunk="many"), dict(grid_bits=40), dict(shape=[2, 3, 8, 8]),
-                                     dict(extra=1), dict(init_words=0), dict(vocab_size=True)])
+@pytest.mark.parametrize("changes", [dict(T=10**12), dict(T=0), dict(shape=(2**31, 1, 8, 8)),
+                                     dict(shape=(10**6, 1, 8, 8)), dict(max_chunk=10**6), dict(grid_bits=40),
+                                     dict(shape=(2, 3, 8, 8)), dict(vocab_size=1), dict(fingerprint=b"\0" * 8),
+                                     dict(digest=b"\0" * 8), dict(max_chunk=1)])
 def test_tampered_stream_headers_raise_codec_error(tiny_stream, changes):
     model, _, stream = tiny_stream
     with pytest.raises(compress.CodecError):
@@ -368,19 +364,21 @@ def test_tampered_stream_headers_raise_codec_error(tiny_stream, changes):
 
 def test_tampered_payloads_never_decode_to_wrong_images(tiny_stream):
     model, images, stream = tiny_stream
+    header, payload = compress._unpack(stream)
+    body = stream[:-8]
     rng = np.random.default_rng(0)
-    payload_start = len(stream) - 32 - 4 * 8
     for _ in range(8):
-        damaged = bytearray(stream[:-32])
-        i = int(rng.integers(payload_start, len(damaged)))
+        damaged = bytearray(body)
+        i = int(rng.integers(len(body) - 4 * payload.size, len(body)))
         damaged[i] ^= 1 << int(rng.integers(0, 8))
         try:
-            decoded = compress.decode(model, _restamp(bytes(damaged)))
+            decoded = compress.decode(model, bytes(damaged) + compress._checksum(bytes(damaged)))
         except compress.CodecError:
             continue
         assert torch.equal(decoded, images)
-    with pytest.raises(compress.CodecError, match="not valid JSON"):
-        compress.decode(model, _restamp(stream[:10] + b"\xff" * 8 + stream[18:-32]))
+    with pytest.raises(compress.CodecError, match="runs past its end|longer than 63 bits"):
+        truncated = stream[:7] + b"\xff" * 9
+        compress.decode(model, truncated + compress._checksum(truncated))
 
 
 def test_encode_refuses_an_npz_or_non_image_file_in_one_line(tmp_path, trained):

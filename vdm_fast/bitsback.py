@@ -1,0 +1,334 @@
+"""The bits-back coder behind ``vdm_fast.compress``: one ANS stack, chunks of images, the T-step
+VDM chain in bit-swap order, and distributions that every machine builds bit for bit alike.
+
+Bit-swap order (Kingma, Abbeel and Ho, 2019). The forward process is a Markov chain, so the
+inference model factorises as ``q(z_0 | x) prod_i q(z_i | z_{i-1})`` (``z_i`` at ``t = i / T``).
+Per chunk the sender interleaves one take and one give per step::
+
+    pop z_0 ~ q(z_0 | x),          push x under p(x | z_0)
+    pop z_i ~ q(z_i | z_{i-1}),    push z_{i-1} under p(z_{i-1} | z_i)     for i = 1 .. T
+    push z_T under p(z_1) = N(0, I)
+
+so the stack never lends more than about two steps' worth of latent bits, where the textbook
+order (all pops first) needs ``T + 1`` steps' worth. In expectation a chunk costs its T-step
+negative ELBO. The first chunks of a file have no stack to borrow from: they are coded directly
+(uniform over the pixel values) until the stack holds enough bits for a bits-back chunk, and
+chunks then grow with the stack up to ``max_chunk`` images. Each chunk is followed on the
+stack by its size, so the receiver, which meets the chunks last to first, knows each one.
+
+Lattices. ``z_i`` lives on ``delta_i Z^D``, with ``delta_i`` a ``2^-grid_bits`` fraction of the
+smaller of the two stds it is coded with (popped under ``q``, pushed under ``p``). A latent is
+coded as its offset from the integer nearest below the distribution's mean, over +-``_RANGE``
+stds; one beyond that (a poor model) escapes: the boundary symbol, then the excess in 32 raw bits.
+
+Portability. The receiver must rebuild every distribution the sender used, bit for bit, on
+another CPU (AVX2 or AVX-512, another BLAS or thread count) whose network outputs differ in the
+last bits. So the distributions are functions of exact values only:
+
+- the latents are integers on fixed lattices, so the network's inputs are identical;
+- the per-step constants come from the schedule rounded to ``_SCALAR_BITS`` significant bits
+  (and are part of the stream's fingerprint, so a machine that rounds one differently refuses
+  the stream instead of misdecoding it);
+- the network's ``eps_hat`` is rounded to a ``2^-_EPS_BITS`` grid; where a value lies within
+  ``_MARGIN`` of a rounding boundary (float64 outputs differ across machines by ~1e-15, the
+  margin is 1.5e-11) the sender records which way it rounded, as a hint on the stack; a receiver
+  whose own value is near a boundary that the sender did not flag stops with an error;
+- everything after that is IEEE arithmetic (``+ - * /``, floor), the decoder's ``exp`` is a
+  polynomial in those (numpy's ``exp`` picks SIMD code by CPU), and ``constriction`` builds
+  its integer distributions in portable code.
+"""
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+# Latents are coded over +-_RANGE stds around the mean; beyond that they escape. Each grid point
+# in range gets at least 2^-24 of probability (constriction's floor), so the range is kept
+# small: the floor's total mass, 2 * 8 * 2^grid_bits points, costs ~1e-4 bits a latent.
+_RANGE = 8
+_ESCAPE_BITS = 16  # the escaped excess is pushed as two 16-bit halves
+# eps_hat is rounded to multiples of 2^-_EPS_BITS (its error moves a mean by < 2^-11 of a std).
+_EPS_BITS = 16
+# Values within _MARGIN of a rounding boundary are hinted. Each hint is one symbol over
+# 2 x (chunk x D); a step's hint count is coded with P(0) = 1 - 2^-10, which costs 0.0014 bits.
+_MARGIN = 2.0**-36
+_MAX_HINTS = 255
+# Per-step constants: the schedule's gamma rounded to 2^-32, derived constants to 40 bits.
+_GAMMA_BITS = 32
+_SCALAR_BITS = 40
+
+
+class ChainError(ValueError):
+    """The chain cannot code these images, or this machine cannot rebuild the sender's chain."""
+
+
+def _round_sig(x: float, bits: int = _SCALAR_BITS) -> float:
+    """``x`` rounded to ``bits`` significant bits: exact Python float arithmetic."""
+    if x == 0.0:
+        return 0.0
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * 2**bits), exponent - bits)
+
+
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # Cody-Waite split
+_INV_FACT = [1.0 / math.factorial(k) for k in range(14)]
+
+
+def portable_exp(x: np.ndarray) -> np.ndarray:
+    """``exp(x)`` for ``x <= 0`` to ~1e-16 relative, from IEEE ``+ - *`` and ``floor`` only, so the
+    same on every CPU (``np.exp`` is not: it dispatches to SIMD code by instruction set)."""
+    x = np.maximum(x, -700.0)
+    n = np.floor(x * (1.0 / math.log(2.0)) + 0.5)
+    r = (x - n * _LN2_HI) - n * _LN2_LO  # |r| <= 0.35
+    p = np.full_like(r, _INV_FACT[13])
+    for c in reversed(_INV_FACT[:13]):
+        p = p * r + c
+    return np.ldexp(p, n.astype(np.int64))
+
+
+class Chain:
+    """The per-step constants of the T-step chain of one model, shared by sender and receiver.
+
+    Step i codes z_i: popped under q with mean ``pop_scale[i] * (f or k_{i-1})`` and std
+    ``pop_std[i]``, pushed under p with mean ``push_scale[i] * k_{i+1} - push_eps[i] * eps_hat``
+    and std ``push_std[i]`` (z_T: mean 0), all in units of z_i's lattice ``delta[i]``.
+    """
+
+    def __init__(self, model, T: int, grid_bits: int):
+        self.model, self.T, self.grid_bits = model, T, grid_bits
+        self.vocab = model.vocab_size
+        times = torch.arange(T + 1, dtype=torch.float64) / T
+        with torch.no_grad():
+            raw = model.gamma(times)[0].detach().cpu().tolist()
+        self.gamma = [round(g * 2**_GAMMA_BITS) / 2**_GAMMA_BITS for g in raw]
+        if not all(math.isfinite(g) for g in self.gamma) or any(b <= a for a, b in zip(self.gamma, self.gamma[1:])):
+            raise ChainError("the model's noise schedule is not finite and increasing on the T-step grid")
+        sig = lambda g: 1.0 / (1.0 + math.exp(-g))  # noqa: E731
+        alpha = [math.sqrt(sig(-g)) for g in self.gamma]
+        sigma = [math.sqrt(sig(g)) for g in self.gamma]
+        # c_i = 1 - SNR_i / SNR_{i-1}: the share of z_i's variance that step i adds.
+        c = [None] + [-math.expm1(self.gamma[i - 1] - self.gamma[i]) for i in range(1, T + 1)]
+        pop = [sigma[0]] + [sigma[i] * math.sqrt(c[i]) for i in range(1, T + 1)]
+        push = [sigma[i] * math.sqrt(c[i + 1]) for i in range(T)] + [1.0]
+        delta = [min(a, b) * 2.0**-grid_bits for a, b in zip(pop, push)]
+        R = _round_sig
+        self.delta = [R(d) for d in delta]
+        self.pop_std = [R(pop[i] / delta[i]) for i in range(T + 1)]
+        self.push_std = [R(push[i] / delta[i]) for i in range(T + 1)]
+        self.pop_scale = [R(alpha[0] / delta[0])] + [
+            R(alpha[i] / alpha[i - 1] * delta[i - 1] / delta[i]) for i in range(1, T + 1)]
+        self.push_scale = [R(alpha[i] / alpha[i + 1] * delta[i + 1] / delta[i]) for i in range(T)]
+        self.push_eps = [R(alpha[i] / alpha[i + 1] * sigma[i + 1] * c[i + 1] / delta[i]) for i in range(T)]
+        # p(x | z_0): logit_v = -0.5 * precision * (k_0 * x_scale - centre_v)^2 (reference decoder).
+        self.x_scale = R(delta[0] / alpha[0])
+        self.x_precision = R(math.exp(-self.gamma[0]))
+        self.centres = 2.0 * (np.arange(self.vocab, dtype=np.float64) + 0.5) / self.vocab - 1.0
+        self.dims = math.prod(model.image_shape)
+
+    def digest(self) -> bytes:
+        """SHA-256 of every constant: part of the stream's fingerprint."""
+        table = [self.gamma, self.delta, self.pop_std, self.push_std, self.pop_scale, self.push_scale,
+                 self.push_eps, [self.x_scale, self.x_precision]]
+        return hashlib.sha256(np.array([v for row in table for v in row], dtype="<f8").tobytes()).digest()
+
+    def bits_per_image(self) -> int:
+        """Stack bits a bits-back chunk borrows per image: two steps of pops (each ~log2(std
+        sqrt(2 pi e)) bits a latent) before their gives come back, and half a bit a latent to
+        spare (a pop's cost varies by ~1.4 bits a latent, so ~11 bits over 64 of them). A chunk
+        that finds the stack short is still decoded exactly; its pops then cost more."""
+        entropy = [math.log2(s * math.sqrt(2 * math.pi * math.e)) for s in self.pop_std]
+        return int(self.dims * (entropy[0] + max(entropy[1:]) + 0.5))
+
+    def eps_hat(self, k: np.ndarray, i: int) -> np.ndarray:
+        """The network's noise prediction at z_i = delta_i k (float64, [n, D])."""
+        z = torch.from_numpy(k * self.delta[i]).reshape(-1, *self.model.image_shape)
+        with torch.no_grad():
+            eps = self.model.score_net(z, torch.full((len(z),), self.gamma[i], dtype=torch.float64))
+        return eps.reshape(len(z), -1).numpy()
+
+    def x_probs(self, k0: np.ndarray) -> np.ndarray:
+        logits = -0.5 * self.x_precision * np.square(k0.reshape(-1, 1) * self.x_scale - self.centres)
+        return portable_exp(logits - logits.max(axis=1, keepdims=True))
+
+
+class Coder:
+    """One ANS stack and the chain's coding steps on it. ``take``/``pop_*`` take bits off
+    (decode), ``give_back``/``push_*`` put them on (encode); the receiver runs the sender's calls
+    in reverse order, each replaced by its inverse."""
+
+    def __init__(self, words=None):
+        from constriction import stream
+
+        self._stream = stream
+        self.ans = stream.stack.AnsCoder() if words is None else stream.stack.AnsCoder(words)
+        self._gauss = {}
+        self._hint_count = stream.model.Categorical(
+            np.array([1.0 - 2.0**-10] + [2.0**-10 / _MAX_HINTS] * _MAX_HINTS), perfect=False)
+        self._escape = stream.model.Uniform(2**_ESCAPE_BITS)
+
+    def bits(self) -> int:
+        return self.ans.num_valid_bits()
+
+    def _model(self, std: float):
+        K = int(math.ceil(_RANGE * std)) + 1
+        if K not in self._gauss:
+            self._gauss[K] = self._stream.model.QuantizedGaussian(-K, K)
+        return self._gauss[K], K
+
+    # --- a latent on its lattice, under a Gaussian of mean `mean` and std `std` (lattice units)
+
+    def take(self, mean: np.ndarray, std: float) -> np.ndarray:
+        """Bits back: a latent decoded under q. It lies in q's range by construction."""
+        base = np.floor(mean)
+        gauss, _ = self._model(std)
+        return base.astype(np.int64) + self.ans.decode(gauss, mean - base, np.full(mean.size, std))
+
+    def give_back(self, k: np.ndarray, mean: np.ndarray, std: float) -> None:
+        """The receiver's inverse of ``take``."""
+        base = np.floor(mean)
+        gauss, _ = self._model(std)
+        self.ans.encode_reverse((k - base.astype(np.int64)).astype(np.int32), gauss, mean - base,
+                                np.full(mean.size, std))
+
+    def push_latent(self, k: np.ndarray, mean: np.ndarray, std: float) -> None:
+        """A latent encoded under p. One beyond p's range (a poor model) escapes: the range's
+        boundary symbol, then the excess in two 16-bit halves."""
+        base = np.floor(mean)
+        gauss, K = self._model(std)
+        j = k - base.astype(np.int64)
+        edge = np.flatnonzero(np.abs(j) >= K)
+        if edge.size:
+            excess = np.abs(j[edge]) - K
+            if excess.max() >= 2 ** (2 * _ESCAPE_BITS):
+                raise ChainError("a latent lies too far from the model's prediction to be coded")
+            self.ans.encode_reverse((excess & (2**_ESCAPE_BITS - 1)).astype(np.int32), self._escape)
+            self.ans.encode_reverse((excess >> _ESCAPE_BITS).astype(np.int32), self._escape)
+            j[edge] = np.sign(j[edge]) * K
+        self.ans.encode_reverse(j.astype(np.int32), gauss, mean - base, np.full(mean.size, std))
+
+    def pop_latent(self, mean: np.ndarray, std: float) -> np.ndarray:
+        """The receiver's inverse of ``push_latent``."""
+        base = np.floor(mean)
+        gauss, K = self._model(std)
+        j = self.ans.decode(gauss, mean - base, np.full(mean.size, std)).astype(np.int64)
+        edge = np.flatnonzero(np.abs(j) == K)
+        if edge.size:
+            hi = self.ans.decode(self._escape, edge.size).astype(np.int64)
+            lo = self.ans.decode(self._escape, edge.size).astype(np.int64)
+            j[edge] += np.sign(j[edge]) * ((hi << _ESCAPE_BITS) | lo)
+        return base.astype(np.int64) + j
+
+    # --- pixels, chunk sizes, hints
+
+    def push_pixels(self, x: np.ndarray, probs: np.ndarray) -> None:
+        self.ans.encode_reverse(x.astype(np.int32), self._stream.model.Categorical(perfect=False), probs)
+
+    def pop_pixels(self, probs: np.ndarray) -> np.ndarray:
+        return self.ans.decode(self._stream.model.Categorical(perfect=False), probs).astype(np.int64)
+
+    @staticmethod
+    def _size_probs(next_size, max_chunk: int) -> np.ndarray:
+        """A chunk's size given the next chunk's (chunks grow slowly): a two-sided geometric
+        around it; uniform for the last chunk."""
+        sizes = np.arange(max_chunk + 1)
+        return np.ones(max_chunk + 1) if next_size is None else 0.5 ** np.abs(sizes - next_size)
+
+    def push_size(self, size: int, next_size, max_chunk: int) -> None:
+        self.ans.encode_reverse(np.array([size], dtype=np.int32), self._stream.model.Categorical(perfect=False),
+                                self._size_probs(next_size, max_chunk)[None])
+
+    def pop_size(self, next_size, max_chunk: int) -> int:
+        return int(self.ans.decode(self._stream.model.Categorical(perfect=False),
+                                   self._size_probs(next_size, max_chunk)[None])[0])
+
+    def push_uniform(self, values: np.ndarray, size: int) -> None:
+        self.ans.encode_reverse(np.asarray(values, dtype=np.int32), self._stream.model.Uniform(size))
+
+    def pop_uniform(self, count: int, size: int) -> np.ndarray:
+        return self.ans.decode(self._stream.model.Uniform(size), count).astype(np.int64)
+
+    def push_hints(self, hints: np.ndarray, size: int) -> None:
+        if hints.size > _MAX_HINTS:
+            raise ChainError(f"{hints.size} network outputs sit at rounding boundaries in one step "
+                             f"(at most {_MAX_HINTS}): the model's outputs are not usable for coding")
+        self.push_uniform(hints, size)
+        self.ans.encode_reverse(np.array([hints.size], dtype=np.int32), self._hint_count)
+
+    def pop_hints(self, size: int) -> np.ndarray:
+        count = int(self.ans.decode(self._hint_count, 1)[0])
+        return self.pop_uniform(count, size)
+
+
+def round_eps(eps: np.ndarray):
+    """Sender: eps_hat on its grid (in grid units) and the hints, ``2 * index + rounded_up``, for
+    the values within the margin of a rounding boundary."""
+    if not np.isfinite(eps).all():
+        raise ChainError("the network's noise prediction is not finite")
+    v = eps.reshape(-1) * 2.0**_EPS_BITS
+    low = np.floor(v)
+    frac = v - low
+    up = frac >= 0.5
+    near = np.flatnonzero(np.abs(frac - 0.5) < _MARGIN * 2.0**_EPS_BITS)
+    return (low + up).reshape(eps.shape), 2 * near + up[near]
+
+
+def round_eps_hinted(eps: np.ndarray, hints: np.ndarray) -> np.ndarray:
+    """Receiver: the sender's rounding of eps_hat, from this machine's eps_hat and the hints."""
+    if not np.isfinite(eps).all():
+        raise ChainError("the network's noise prediction is not finite on this machine")
+    v = eps.reshape(-1) * 2.0**_EPS_BITS
+    low = np.floor(v)
+    frac = v - low
+    rounded = low + (frac >= 0.5)
+    index, up = hints >> 1, hints & 1
+    if index.size and (index >= v.size).any():
+        raise ChainError("a rounding hint points outside its step")
+    unflagged = np.ones(v.size, dtype=bool)
+    unflagged[index] = False
+    # An unflagged value this close to a boundary means the sender's value was not within the
+    # margin there: this machine's arithmetic differs from the sender's by more than the margin.
+    if (np.abs(frac[unflagged] - 0.5) < 0.5 * _MARGIN * 2.0**_EPS_BITS).any():
+        raise ChainError("this machine's network outputs differ from the encoder's by more than the "
+                         "coding margin: decode on a machine closer to the encoder's")
+    # A flagged value sits within the margin of low + 1/2 on both machines, so `low` agrees.
+    rounded[index] = low[index] + up
+    return rounded.reshape(eps.shape)
+
+
+def _f(x: np.ndarray, vocab: int) -> np.ndarray:
+    """Integer pixels to the centres of ``vocab`` bins of [-1, 1] (as the model's encoder)."""
+    return 2.0 * (x.astype(np.float64) + 0.5) / vocab - 1.0
+
+
+def encode_chunk(coder: Coder, chain: Chain, x: np.ndarray) -> None:
+    """Sender: the chunk ``x`` ([n, D] integers) onto the stack, bits back in bit-swap order."""
+    n, D = x.shape
+    k = coder.take(chain.pop_scale[0] * _f(x, chain.vocab).reshape(-1), chain.pop_std[0])
+    coder.push_pixels(x.reshape(-1), chain.x_probs(k))
+    for i in range(1, chain.T + 1):
+        k_next = coder.take(chain.pop_scale[i] * k, chain.pop_std[i])
+        eps, hints = round_eps(chain.eps_hat(k_next, i))
+        mean = chain.push_scale[i - 1] * k_next - chain.push_eps[i - 1] * 2.0**-_EPS_BITS * eps.reshape(-1)
+        coder.push_latent(k, mean, chain.push_std[i - 1])
+        coder.push_hints(hints, 2 * n * D)
+        k = k_next
+    coder.push_latent(k, np.zeros(k.size), chain.push_std[chain.T])
+
+
+def decode_chunk(coder: Coder, chain: Chain, n: int) -> np.ndarray:
+    """Receiver: a chunk of ``n`` images ([n, D] int64) off the stack, its bits given back."""
+    D = chain.dims
+    k = coder.pop_latent(np.zeros(n * D), chain.push_std[chain.T])
+    for i in range(chain.T, 0, -1):
+        eps = chain.eps_hat(k, i)
+        hints = coder.pop_hints(2 * n * D)
+        eps = round_eps_hinted(eps, hints)
+        mean = chain.push_scale[i - 1] * k - chain.push_eps[i - 1] * 2.0**-_EPS_BITS * eps.reshape(-1)
+        k_prev = coder.pop_latent(mean, chain.push_std[i - 1])
+        coder.give_back(k, chain.pop_scale[i] * k_prev, chain.pop_std[i])
+        k = k_prev
+    x = coder.pop_pixels(chain.x_probs(k))
+    coder.give_back(k, chain.pop_scale[0] * _f(x, chain.vocab), chain.pop_std[0])
+    return x.reshape(n, D)
