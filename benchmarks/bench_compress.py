@@ -66,7 +66,7 @@ def main():
                         "images (0: all)")
     parser.add_argument("--T", type=int, default=100)
     parser.add_argument("--max-chunk", type=int, default=32)
-    parser.add_argument("--grid-bits", type=int, default=2)
+    parser.add_argument("--grid-bits", type=int, default=4)
     parser.add_argument("--elbo-samples", type=int, default=100, help="Monte-Carlo samples of the bound")
     args = parser.parse_args()
 

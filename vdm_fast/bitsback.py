@@ -31,7 +31,7 @@ last bits. So the distributions are functions of exact values only:
   the stream instead of misdecoding it);
 - the network's ``eps_hat`` is rounded to a ``2^-_EPS_BITS`` grid; where a value lies within
   ``_MARGIN`` of a rounding boundary (float64 outputs differ across machines by ~1e-15, the
-  margin is 1.5e-11) the sender records which way it rounded, as a hint on the stack; a receiver
+  margin is 9e-13) the sender records which way it rounded, as a hint on the stack; a receiver
   whose own value is near a boundary that the sender did not flag stops with an error;
 - everything after that is IEEE arithmetic (``+ - * /``, floor), the decoder's ``exp`` is a
   polynomial in those (numpy's ``exp`` picks SIMD code by CPU), and ``constriction`` builds
@@ -51,9 +51,11 @@ _RANGE = 8
 _ESCAPE_BITS = 16  # the escaped excess is pushed as two 16-bit halves
 # eps_hat is rounded to multiples of 2^-_EPS_BITS (its error moves a mean by < 2^-11 of a std).
 _EPS_BITS = 16
-# Values within _MARGIN of a rounding boundary are hinted. Each hint is one symbol over
-# 2 x (chunk x D); a step's hint count is coded with P(0) = 1 - 2^-10, which costs 0.0014 bits.
-_MARGIN = 2.0**-36
+# Values within _MARGIN of a rounding boundary are hinted: 2^-40 is ~300x the largest difference
+# measured between CPU capabilities (2.7e-15), and flags 2^-23 of the values. Each hint costs
+# ~30 bits (one symbol over 2 x chunk x D, and a nonzero count; a step's count is coded with
+# P(0) = 1 - 2^-10, 0.0014 bits). At 2^-36 the hints were 4 % of a T = 1000 file.
+_MARGIN = 2.0**-40
 _MAX_HINTS = 255
 # Per-step constants: the schedule's gamma rounded to 2^-32, derived constants to 40 bits.
 _GAMMA_BITS = 32

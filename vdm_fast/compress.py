@@ -84,15 +84,17 @@ def _chain(net, T, grid_bits):
         raise CodecError(str(err)) from err
 
 
-def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 2, progress: bool = False,
+def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4, progress: bool = False,
            chunks: list = None) -> bytes:
     """Compress integer images ``[N, C, H, W]`` in ``[0, vocab)`` into a self-checking byte string.
 
     ``max_chunk`` images at most are coded together (one batched network call per step); the
     chunks start small and grow as the stack can lend them bits. ``grid_bits``: each latent lives
-    on a grid of ``2^-grid_bits`` of its step's std (2, 3 and 4 gave the same rate on digits;
-    a coarser grid borrows fewer bits, so bits-back starts sooner). A list passed as ``chunks`` receives the
-    chunk sizes in coding order (0: an image coded directly, before the stack could lend bits).
+    on a grid of ``2^-grid_bits`` of its step's std. (A coarser grid borrows fewer bits, so
+    bits-back starts sooner, but on 297 digits at T = 100 the images coded by bits-back cost
+    2.4 % over their bound on grid 2^-2 and 1.9 % on 2^-4.) A list passed as ``chunks``
+    receives the chunk sizes in coding order (0: an image coded directly, before the stack could
+    lend bits).
     """
     images = torch.as_tensor(images)
     if images.dim() != 4 or images.shape[0] == 0:
@@ -276,7 +278,7 @@ def main(argv=None):
     enc.add_argument("--T", type=int, default=100, help="diffusion steps of the discrete-time model")
     enc.add_argument("--max-chunk", type=int, default=32, help="images coded together at most (one batched "
                      "network call per step)")
-    enc.add_argument("--grid-bits", type=int, default=2, help="latent grid: 2^-bits of a step's std")
+    enc.add_argument("--grid-bits", type=int, default=4, help="latent grid: 2^-bits of a step's std")
     dec = sub.add_parser("decode", help="stream -> images.npy (uint8 [N, H, W, C])")
     for p in (enc, dec):
         p.add_argument("--ckpt", required=True)
