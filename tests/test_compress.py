@@ -177,6 +177,9 @@ def test_damaged_truncated_foreign_old_and_bad_arguments_are_refused(digits):
     for name, value in (("grid_bits", 16), ("T", 0), ("max_chunk", 0), ("max_chunk", 2.0)):
         with pytest.raises(compress.CodecError, match=name):
             compress.encode(model, digits[:2], **{"T": 2, name: value})
+    compress._check_chunk(341, 3 * 32 * 32, 256, "CIFAR")  # the pixel distributions' bound: 2^28 values
+    with pytest.raises(compress.CodecError, match="CIFAR: max_chunk x dims"):
+        compress._check_chunk(342, 3 * 32 * 32, 256, "CIFAR")
 
 
 def test_cli_round_trip(tmp_path, digits):

@@ -35,8 +35,16 @@ from vdm_fast import bitsback
 MAGIC = b"VDMZ"
 VERSION = 2
 _FINGERPRINT_BYTES, _DIGEST_BYTES, _CHECKSUM_BYTES = 8, 8, 8
-# A chunk's hint symbols range over 2 x chunk x D, within the coder's 2^24 alphabet.
+# A chunk's hint symbols range over 2 x chunk x D, within the coder's 2^24 alphabet; its pixel
+# distributions are chunk x D x vocab float64 values, held at once (2^28: 2 GiB).
 _MAX_CHUNK_DIMS = 2**23
+_MAX_CHUNK_PROBS = 2**28
+
+
+def _check_chunk(max_chunk: int, dims: int, vocab: int, what: str) -> None:
+    if max_chunk * dims > _MAX_CHUNK_DIMS or max_chunk * dims * vocab > _MAX_CHUNK_PROBS:
+        raise CodecError(f"{what}: max_chunk x dims must be <= {_MAX_CHUNK_DIMS} and max_chunk x dims x vocab "
+                         f"<= {_MAX_CHUNK_PROBS}, got {max_chunk} x {dims} x {vocab}")
 
 
 class CodecError(ValueError):
@@ -109,8 +117,7 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise CodecError(f"{name} must be an int in [{low}, {high}], got {value!r}")
     D = math.prod(model.image_shape)
-    if max_chunk * D > _MAX_CHUNK_DIMS:
-        raise CodecError(f"max_chunk x dims must be <= {_MAX_CHUNK_DIMS}, got {max_chunk} x {D}")
+    _check_chunk(max_chunk, D, model.vocab_size, "max_chunk is too large for these images")
     net = _coding_model(model)
     chain = _chain(net, T, grid_bits)
     x = images.reshape(len(images), D).long().numpy()
@@ -251,8 +258,8 @@ def _unpack(data: bytes):
     payload = np.frombuffer(body[end:], dtype="<u4").astype(np.uint32)
     shape = tuple(values[k] for k in "NCHW")
     dims = shape[1] * shape[2] * shape[3]
-    if values["max_chunk"] * dims > _MAX_CHUNK_DIMS:
-        raise CodecError("the stream's header asks for chunks larger than this decoder holds")
+    _check_chunk(values["max_chunk"], dims, values["vocab_size"], "the stream's header asks for chunks larger "
+                 "than this decoder holds")
     # Every image costs more than a bit: a header claiming more images than the payload has
     # bits is tampered with (and would keep the decoder busy without end).
     if shape[0] > 32 * payload.size:
