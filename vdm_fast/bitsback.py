@@ -44,6 +44,8 @@ import math
 import numpy as np
 import torch
 
+from vdm_fast.reference.loss import encode as encode_data
+
 # Latents are coded over +-_RANGE stds around the mean; beyond that they escape. Each grid point
 # in range gets at least 2^-24 of probability (constriction's floor), so the range is kept
 # small: the floor's total mass, 2 * 8 * 2^grid_bits points, costs ~1e-4 bits a latent.
@@ -99,7 +101,7 @@ class Chain:
     """
 
     def __init__(self, model, T: int, grid_bits: int):
-        self.model, self.T, self.grid_bits = model, T, grid_bits
+        self.model, self.T = model, T
         self.vocab = model.vocab_size
         times = torch.arange(T + 1, dtype=torch.float64) / T
         with torch.no_grad():
@@ -126,7 +128,7 @@ class Chain:
         # p(x | z_0): logit_v = -0.5 * precision * (k_0 * x_scale - centre_v)^2 (reference decoder).
         self.x_scale = R(delta[0] / alpha[0])
         self.x_precision = R(math.exp(-self.gamma[0]))
-        self.centres = 2.0 * (np.arange(self.vocab, dtype=np.float64) + 0.5) / self.vocab - 1.0
+        self.centres = self.encode(np.arange(self.vocab))
         self.dims = math.prod(model.image_shape)
 
     def digest(self) -> bytes:
@@ -142,6 +144,15 @@ class Chain:
         that finds the stack short is still decoded exactly; its pops then cost more."""
         entropy = [math.log2(s * math.sqrt(2 * math.pi * math.e)) for s in self.pop_std]
         return int(self.dims * (entropy[0] + max(entropy[1:]) + 0.5))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Integer pixels to the model's inputs in [-1, 1] (IEEE ``+ * /`` only: portable)."""
+        return encode_data(torch.from_numpy(x), self.vocab, torch.float64).numpy()
+
+    def push_mean(self, i: int, k_next: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """Mean of p(z_{i-1} | z_i) on z_{i-1}'s lattice, from z_i's lattice point and eps_hat on
+        its grid: one formula for sender and receiver, which must agree bit for bit."""
+        return self.push_scale[i - 1] * k_next - self.push_eps[i - 1] * 2.0**-_EPS_BITS * eps.reshape(-1)
 
     def eps_hat(self, k: np.ndarray, i: int) -> np.ndarray:
         """The network's noise prediction at z_i = delta_i k (float64, [n, D])."""
@@ -263,14 +274,19 @@ class Coder:
         return self.pop_uniform(count, size)
 
 
+def _on_grid(eps: np.ndarray, where: str):
+    """eps_hat in units of its 2^-_EPS_BITS grid: the grid point below, and the fraction above it."""
+    if not np.isfinite(eps).all():
+        raise ChainError(f"the network's noise prediction is not finite{where}")
+    v = eps.reshape(-1) * 2.0**_EPS_BITS
+    low = np.floor(v)
+    return low, v - low
+
+
 def round_eps(eps: np.ndarray):
     """Sender: eps_hat on its grid (in grid units) and the hints, ``2 * index + rounded_up``, for
     the values within the margin of a rounding boundary."""
-    if not np.isfinite(eps).all():
-        raise ChainError("the network's noise prediction is not finite")
-    v = eps.reshape(-1) * 2.0**_EPS_BITS
-    low = np.floor(v)
-    frac = v - low
+    low, frac = _on_grid(eps, "")
     up = frac >= 0.5
     near = np.flatnonzero(np.abs(frac - 0.5) < _MARGIN * 2.0**_EPS_BITS)
     return (low + up).reshape(eps.shape), 2 * near + up[near]
@@ -278,16 +294,12 @@ def round_eps(eps: np.ndarray):
 
 def round_eps_hinted(eps: np.ndarray, hints: np.ndarray) -> np.ndarray:
     """Receiver: the sender's rounding of eps_hat, from this machine's eps_hat and the hints."""
-    if not np.isfinite(eps).all():
-        raise ChainError("the network's noise prediction is not finite on this machine")
-    v = eps.reshape(-1) * 2.0**_EPS_BITS
-    low = np.floor(v)
-    frac = v - low
+    low, frac = _on_grid(eps, " on this machine")
     rounded = low + (frac >= 0.5)
     index, up = hints >> 1, hints & 1
-    if index.size and (index >= v.size).any():
+    if index.size and (index >= low.size).any():
         raise ChainError("a rounding hint points outside its step")
-    unflagged = np.ones(v.size, dtype=bool)
+    unflagged = np.ones(low.size, dtype=bool)
     unflagged[index] = False
     # An unflagged value this close to a boundary means the sender's value was not within the
     # margin there: this machine's arithmetic differs from the sender's by more than the margin.
@@ -299,21 +311,15 @@ def round_eps_hinted(eps: np.ndarray, hints: np.ndarray) -> np.ndarray:
     return rounded.reshape(eps.shape)
 
 
-def _f(x: np.ndarray, vocab: int) -> np.ndarray:
-    """Integer pixels to the centres of ``vocab`` bins of [-1, 1] (as the model's encoder)."""
-    return 2.0 * (x.astype(np.float64) + 0.5) / vocab - 1.0
-
-
 def encode_chunk(coder: Coder, chain: Chain, x: np.ndarray) -> None:
     """Sender: the chunk ``x`` ([n, D] integers) onto the stack, bits back in bit-swap order."""
     n, D = x.shape
-    k = coder.take(chain.pop_scale[0] * _f(x, chain.vocab).reshape(-1), chain.pop_std[0])
+    k = coder.take(chain.pop_scale[0] * chain.encode(x).reshape(-1), chain.pop_std[0])
     coder.push_pixels(x.reshape(-1), chain.x_probs(k))
     for i in range(1, chain.T + 1):
         k_next = coder.take(chain.pop_scale[i] * k, chain.pop_std[i])
         eps, hints = round_eps(chain.eps_hat(k_next, i))
-        mean = chain.push_scale[i - 1] * k_next - chain.push_eps[i - 1] * 2.0**-_EPS_BITS * eps.reshape(-1)
-        coder.push_latent(k, mean, chain.push_std[i - 1])
+        coder.push_latent(k, chain.push_mean(i, k_next, eps), chain.push_std[i - 1])
         coder.push_hints(hints, 2 * n * D)
         k = k_next
     coder.push_latent(k, np.zeros(k.size), chain.push_std[chain.T])
@@ -326,11 +332,9 @@ def decode_chunk(coder: Coder, chain: Chain, n: int) -> np.ndarray:
     for i in range(chain.T, 0, -1):
         eps = chain.eps_hat(k, i)
         hints = coder.pop_hints(2 * n * D)
-        eps = round_eps_hinted(eps, hints)
-        mean = chain.push_scale[i - 1] * k - chain.push_eps[i - 1] * 2.0**-_EPS_BITS * eps.reshape(-1)
-        k_prev = coder.pop_latent(mean, chain.push_std[i - 1])
+        k_prev = coder.pop_latent(chain.push_mean(i, k, round_eps_hinted(eps, hints)), chain.push_std[i - 1])
         coder.give_back(k, chain.pop_scale[i] * k_prev, chain.pop_std[i])
         k = k_prev
     x = coder.pop_pixels(chain.x_probs(k))
-    coder.give_back(k, chain.pop_scale[0] * _f(x, chain.vocab), chain.pop_std[0])
+    coder.give_back(k, chain.pop_scale[0] * chain.encode(x), chain.pop_std[0])
     return x.reshape(n, D)

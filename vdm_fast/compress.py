@@ -180,11 +180,11 @@ def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
                     break
                 size = coder.pop_size(size, header.max_chunk)
         empty = coder.ans.is_empty()
+    except CodecError:
+        raise
     except bitsback.ChainError as err:
         raise CodecError(str(err)) from err
     except (ValueError, RuntimeError, AssertionError, TypeError, OverflowError, LookupError) as err:
-        if isinstance(err, CodecError):
-            raise
         # constriction refuses what a damaged stream makes it do: a decoding failure, never a crash.
         raise CodecError(f"the stream could not be decoded ({type(err).__name__}: {err}): it is damaged "
                          "or was made with a different model") from err
