@@ -9,9 +9,10 @@ initial bits, the first images are coded directly until the stack can lend bits 
 coding itself (``vdm_fast.bitsback``) runs the model in float64 on the CPU, on all threads, and
 builds its distributions so that another CPU decodes the file (see that module's notes).
 
-Stream (version 2): ``VDMZ``, the version (uint16), the header as LEB128 integers (T, N, C, H,
-W, vocab, max_chunk, grid_bits), 8 bytes of model fingerprint, 8 bytes of image digest, the ANS
-payload (little-endian uint32 words), and 8 bytes of SHA-256 over all that came before.
+Stream (version 3): ``VDMZ``, the version (uint16), the header as LEB128 integers (T, N, C, H,
+W, vocab, max_chunk, grid_bits), 4 bytes of model fingerprint, 4 bytes of image digest, the ANS
+payload (little-endian uint32 words), and 4 bytes of SHA-256 over all that came before. (32-bit
+checks, as gzip, PNG and zstd use: on a small file each byte is a visible share of its size.)
 """
 
 import argparse
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from vdm_fast import bitsback
 
 MAGIC = b"VDMZ"
-VERSION = 2
-_FINGERPRINT_BYTES, _DIGEST_BYTES, _CHECKSUM_BYTES = 8, 8, 8
+VERSION = 3  # 2: images before bits-back coded uniformly, 8-byte checks
+_FINGERPRINT_BYTES, _DIGEST_BYTES, _CHECKSUM_BYTES = 4, 4, 4
 # A chunk's hint symbols range over 2 x chunk x D, within the coder's 2^24 alphabet; its pixel
 # distributions are chunk x D x vocab float64 values, held at once (2^28: 2 GiB).
 _MAX_CHUNK_DIMS = 2**23
@@ -62,13 +63,13 @@ class Header:
     digest: bytes
 
 
-def _coding_model(model):
+def coding_model(model):
     """The model as the codec runs it: a float64 copy on the CPU, in eval mode."""
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
 
 
 def fingerprint(model, chain: bitsback.Chain) -> bytes:
-    """SHA-256 (first 8 bytes) of the model's parameters as float64 and of the chain's constants:
+    """SHA-256 (first 4 bytes) of the model's parameters as float64 and of the chain's constants:
     a stream decodes only with the same model, and on a machine that rounds its schedule alike."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -101,8 +102,8 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
     on a grid of ``2^-grid_bits`` of its step's std. (A coarser grid borrows fewer bits, so
     bits-back starts sooner, but on 297 digits at T = 100 the images coded by bits-back cost
     2.4 % over their bound on grid 2^-2 and 1.9 % on 2^-4.) A list passed as ``chunks``
-    receives the chunk sizes in coding order (0: an image coded directly, before the stack could
-    lend bits).
+    receives the chunk sizes in coding order (0: an image of the direct block, coded before the
+    stack could lend bits).
     """
     images = torch.as_tensor(images)
     if images.dim() != 4 or images.shape[0] == 0:
@@ -118,30 +119,33 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
             raise CodecError(f"{name} must be an int in [{low}, {high}], got {value!r}")
     D = math.prod(model.image_shape)
     _check_chunk(max_chunk, D, model.vocab_size, "max_chunk is too large for these images")
-    net = _coding_model(model)
+    net = coding_model(model)
     chain = _chain(net, T, grid_bits)
     x = images.reshape(len(images), D).long().numpy()
     coder = bitsback.Coder()
     per_image = chain.bits_per_image()
-    done, last = 0, None
-    with tqdm(total=len(x), desc="encode", unit="img", disable=not progress) as bar:
+    # The first images, coded directly, until the stack holds what a one-image chunk borrows (a
+    # chunk's worth at most: their distributions are held at once).
+    done, probs = bitsback.direct_block(chain, x[:max_chunk], per_image + 64)
+    bitsback.encode_direct(coder, x[:done], probs)
+    if chunks is not None:
+        chunks.extend([0] * done)
+    last = 0
+    with tqdm(total=len(x), initial=done, desc="encode", unit="img", disable=not progress) as bar:
         while done < len(x):
-            # As many images as the stack can lend bits for; none: one image coded directly.
-            size = min(max_chunk, len(x) - done, max(0, coder.bits() - 64) // per_image)
-            if last is not None:  # the previous chunk's size, told with this one's as context
-                coder.push_size(last, size, max_chunk)
+            # As many images as the stack can lend bits for (a chunk that finds it a little
+            # short still decodes exactly; its pops then cost more).
+            size = min(max_chunk, len(x) - done, max(1, (coder.bits() - 64) // per_image))
+            coder.push_size(last, size, max_chunk)  # the previous chunk's size, told with this one's
             try:
-                if size == 0:
-                    coder.push_uniform(x[done], net.vocab_size)
-                else:
-                    bitsback.encode_chunk(coder, chain, x[done:done + size])
+                bitsback.encode_chunk(coder, chain, x[done:done + size])
             except bitsback.ChainError as err:
-                raise CodecError(f"images {done}..{done + max(size, 1) - 1}: {err}") from err
+                raise CodecError(f"images {done}..{done + size - 1}: {err}") from err
             if chunks is not None:
                 chunks.append(size)
-            done += max(size, 1)
+            done += size
             last = size
-            bar.update(max(size, 1))
+            bar.update(size)
         coder.push_size(last, None, max_chunk)
     header = Header(T, tuple(images.shape), net.vocab_size, max_chunk, grid_bits, fingerprint(net, chain),
                     image_digest(images))
@@ -151,7 +155,7 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
 def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
     """The images (int64 ``[N, C, H, W]``) of a byte string made by ``encode`` with this model."""
     header, payload = _unpack(data)
-    net = _coding_model(model)
+    net = coding_model(model)
     N, C, H, W = header.shape
     if [C, H, W] != list(net.image_shape) or header.vocab_size != net.vocab_size:
         raise CodecError(f"the stream holds {header.vocab_size}-level images of shape {[C, H, W]}, this model "
@@ -159,26 +163,23 @@ def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
     chain = _chain(net, header.T, header.grid_bits)
     if header.fingerprint != fingerprint(net, chain):
         raise CodecError("this stream was made with another model (fingerprint mismatch), or this machine "
-                         "computes the model's noise schedule differently: decode it with the checkpoint "
+                         "computes the model's coding constants differently: decode it with the checkpoint "
                          "that encoded it")
-    D = C * H * W
     chunks, left = [], N
     try:
         coder = bitsback.Coder(payload)
         with tqdm(total=N, desc="decode", unit="img", disable=not progress) as bar:
             size = coder.pop_size(None, header.max_chunk)
-            while True:  # the chunks come off the stack last to first
+            while left:  # the chunks come off the stack last to first, the direct block (0) last
                 if size > left:
                     raise CodecError(f"the stream holds a chunk of {size} images where {left} remain")
-                if size == 0:
-                    chunks.append(coder.pop_uniform(D, net.vocab_size).reshape(1, D))
-                else:
-                    chunks.append(bitsback.decode_chunk(coder, chain, size))
-                left -= max(size, 1)
-                bar.update(max(size, 1))
-                if left == 0:
-                    break
-                size = coder.pop_size(size, header.max_chunk)
+                chunk = bitsback.decode_direct(coder, chain, left) if size == 0 else \
+                    bitsback.decode_chunk(coder, chain, size)
+                chunks.append(chunk)
+                left -= len(chunk)
+                bar.update(len(chunk))
+                if left:
+                    size = coder.pop_size(size, header.max_chunk)
         empty = coder.ans.is_empty()
     except CodecError:
         raise
