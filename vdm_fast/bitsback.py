@@ -75,8 +75,9 @@ _BUMP_PRECISION = 2.25
 _COUNT_PRIOR = 0.5
 
 
-class ChainError(ValueError):
-    """The chain cannot code these images, or this machine cannot rebuild the sender's chain."""
+class CodecError(ValueError):
+    """A stream that cannot be decoded into the right images, or images that the chain cannot
+    code: refused, never guessed (``vdm_fast.compress.CodecError``)."""
 
 
 def _round_sig(x: float, bits: int = _SCALAR_BITS) -> float:
@@ -119,7 +120,7 @@ class Chain:
             raw = model.gamma(times)[0].detach().cpu().tolist()
         self.gamma = [round(g * 2**_GAMMA_BITS) / 2**_GAMMA_BITS for g in raw]
         if not all(math.isfinite(g) for g in self.gamma) or any(b <= a for a, b in zip(self.gamma, self.gamma[1:])):
-            raise ChainError("the model's noise schedule is not finite and increasing on the T-step grid")
+            raise CodecError("the model's noise schedule is not finite and increasing on the T-step grid")
         sig = lambda g: 1.0 / (1.0 + math.exp(-g))  # noqa: E731
         alpha = [math.sqrt(sig(-g)) for g in self.gamma]
         sigma = [math.sqrt(sig(g)) for g in self.gamma]
@@ -147,7 +148,7 @@ class Chain:
         with torch.no_grad():
             eps = model.score_net(z, torch.full((1,), self.gamma[T], dtype=torch.float64)).reshape(-1).numpy()
         if not np.isfinite(eps).all():
-            raise ChainError("the network's noise prediction at z_1 = 0 is not finite")
+            raise CodecError("the network's noise prediction at z_1 = 0 is not finite")
         guess = np.round(-(sigma[T] / alpha[T]) * eps * 2.0**_GUESS_BITS) * 2.0**-_GUESS_BITS
         self.guess = np.clip(guess, -2.0, 2.0)
         self.bump = portable_exp(-0.5 * _BUMP_PRECISION * np.square(self.centres[None, :] - self.guess[:, None]))
@@ -220,48 +221,49 @@ class Coder:
             self._gauss[K] = self._stream.model.QuantizedGaussian(-K, K)
         return self._gauss[K], K
 
-    # --- a latent on its lattice, under a Gaussian of mean `mean` and std `std` (lattice units)
+    # --- a latent on its lattice, under a Gaussian of mean `mean` and std `std` (lattice units),
+    # coded as its offset from floor(mean) by the Gaussian of that offset's model and parameters
+
+    def _offset_model(self, mean: np.ndarray, std: float):
+        base = np.floor(mean)
+        gauss, K = self._model(std)
+        return base.astype(np.int64), K, (gauss, mean - base, np.full(mean.size, std))
 
     def take(self, mean: np.ndarray, std: float) -> np.ndarray:
         """Bits back: a latent decoded under q. It lies in q's range by construction."""
-        base = np.floor(mean)
-        gauss, _ = self._model(std)
-        return base.astype(np.int64) + self.ans.decode(gauss, mean - base, np.full(mean.size, std))
+        base, _, model = self._offset_model(mean, std)
+        return base + self.ans.decode(*model)
 
     def give_back(self, k: np.ndarray, mean: np.ndarray, std: float) -> None:
         """The receiver's inverse of ``take``."""
-        base = np.floor(mean)
-        gauss, _ = self._model(std)
-        self.ans.encode_reverse((k - base.astype(np.int64)).astype(np.int32), gauss, mean - base,
-                                np.full(mean.size, std))
+        base, _, model = self._offset_model(mean, std)
+        self.ans.encode_reverse((k - base).astype(np.int32), *model)
 
     def push_latent(self, k: np.ndarray, mean: np.ndarray, std: float) -> None:
         """A latent encoded under p. One beyond p's range (a poor model) escapes: the range's
         boundary symbol, then the excess in two 16-bit halves."""
-        base = np.floor(mean)
-        gauss, K = self._model(std)
-        j = k - base.astype(np.int64)
+        base, K, model = self._offset_model(mean, std)
+        j = k - base
         edge = np.flatnonzero(np.abs(j) >= K)
         if edge.size:
             excess = np.abs(j[edge]) - K
             if excess.max() >= 2 ** (2 * _ESCAPE_BITS):
-                raise ChainError("a latent lies too far from the model's prediction to be coded")
+                raise CodecError("a latent lies too far from the model's prediction to be coded")
             self.ans.encode_reverse((excess & (2**_ESCAPE_BITS - 1)).astype(np.int32), self._escape)
             self.ans.encode_reverse((excess >> _ESCAPE_BITS).astype(np.int32), self._escape)
             j[edge] = np.sign(j[edge]) * K
-        self.ans.encode_reverse(j.astype(np.int32), gauss, mean - base, np.full(mean.size, std))
+        self.ans.encode_reverse(j.astype(np.int32), *model)
 
     def pop_latent(self, mean: np.ndarray, std: float) -> np.ndarray:
         """The receiver's inverse of ``push_latent``."""
-        base = np.floor(mean)
-        gauss, K = self._model(std)
-        j = self.ans.decode(gauss, mean - base, np.full(mean.size, std)).astype(np.int64)
+        base, K, model = self._offset_model(mean, std)
+        j = self.ans.decode(*model).astype(np.int64)
         edge = np.flatnonzero(np.abs(j) == K)
         if edge.size:
             hi = self.ans.decode(self._escape, edge.size).astype(np.int64)
             lo = self.ans.decode(self._escape, edge.size).astype(np.int64)
             j[edge] += np.sign(j[edge]) * ((hi << _ESCAPE_BITS) | lo)
-        return base.astype(np.int64) + j
+        return base + j
 
     # --- pixels, chunk sizes, hints
 
@@ -294,7 +296,7 @@ class Coder:
 
     def push_hints(self, hints: np.ndarray, size: int) -> None:
         if hints.size > _MAX_HINTS:
-            raise ChainError(f"{hints.size} network outputs sit at rounding boundaries in one step "
+            raise CodecError(f"{hints.size} network outputs sit at rounding boundaries in one step "
                              f"(at most {_MAX_HINTS}): the model's outputs are not usable for coding")
         self.push_uniform(hints, size)
         self.ans.encode_reverse(np.array([hints.size], dtype=np.int32), self._hint_count)
@@ -307,7 +309,7 @@ class Coder:
 def _on_grid(eps: np.ndarray, where: str):
     """eps_hat in units of its 2^-_EPS_BITS grid: the grid point below, and the fraction above it."""
     if not np.isfinite(eps).all():
-        raise ChainError(f"the network's noise prediction is not finite{where}")
+        raise CodecError(f"the network's noise prediction is not finite{where}")
     v = eps.reshape(-1) * 2.0**_EPS_BITS
     low = np.floor(v)
     return low, v - low
@@ -328,13 +330,13 @@ def round_eps_hinted(eps: np.ndarray, hints: np.ndarray) -> np.ndarray:
     rounded = low + (frac >= 0.5)
     index, up = hints >> 1, hints & 1
     if index.size and (index >= low.size).any():
-        raise ChainError("a rounding hint points outside its step")
+        raise CodecError("a rounding hint points outside its step")
     unflagged = np.ones(low.size, dtype=bool)
     unflagged[index] = False
     # An unflagged value this close to a boundary means the sender's value was not within the
     # margin there: this machine's arithmetic differs from the sender's by more than the margin.
     if (np.abs(frac[unflagged] - 0.5) < 0.5 * _MARGIN * 2.0**_EPS_BITS).any():
-        raise ChainError("this machine's network outputs differ from the encoder's by more than the "
+        raise CodecError("this machine's network outputs differ from the encoder's by more than the "
                          "coding margin: decode on a machine closer to the encoder's")
     # A flagged value sits within the margin of low + 1/2 on both machines, so `low` agrees.
     rounded[index] = low[index] + up

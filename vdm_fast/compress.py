@@ -32,6 +32,8 @@ require("compress")  # a one-line message, not an ImportError, without the extra
 from tqdm import tqdm
 
 from vdm_fast import bitsback
+# The coder's error is the codec's: one exception for a caller to catch.
+from vdm_fast.bitsback import CodecError
 
 MAGIC = b"VDMZ"
 VERSION = 3  # 2: images before bits-back coded uniformly, 8-byte checks
@@ -46,10 +48,6 @@ def _check_chunk(max_chunk: int, dims: int, vocab: int, what: str) -> None:
     if max_chunk * dims > _MAX_CHUNK_DIMS or max_chunk * dims * vocab > _MAX_CHUNK_PROBS:
         raise CodecError(f"{what}: max_chunk x dims must be <= {_MAX_CHUNK_DIMS} and max_chunk x dims x vocab "
                          f"<= {_MAX_CHUNK_PROBS}, got {max_chunk} x {dims} x {vocab}")
-
-
-class CodecError(ValueError):
-    """A stream that cannot be decoded into the right images: refused, never guessed."""
 
 
 @dataclass
@@ -86,13 +84,6 @@ def image_digest(images: torch.Tensor) -> bytes:
     return h.digest()[:_DIGEST_BYTES]
 
 
-def _chain(net, T, grid_bits):
-    try:
-        return bitsback.Chain(net, T, grid_bits)
-    except bitsback.ChainError as err:
-        raise CodecError(str(err)) from err
-
-
 def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4, progress: bool = False,
            chunks: list = None) -> bytes:
     """Compress integer images ``[N, C, H, W]`` in ``[0, vocab)`` into a self-checking byte string.
@@ -120,7 +111,7 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
     D = math.prod(model.image_shape)
     _check_chunk(max_chunk, D, model.vocab_size, "max_chunk is too large for these images")
     net = coding_model(model)
-    chain = _chain(net, T, grid_bits)
+    chain = bitsback.Chain(net, T, grid_bits)
     x = images.reshape(len(images), D).long().numpy()
     coder = bitsback.Coder()
     per_image = chain.bits_per_image()
@@ -139,7 +130,7 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
             coder.push_size(last, size, max_chunk)  # the previous chunk's size, told with this one's
             try:
                 bitsback.encode_chunk(coder, chain, x[done:done + size])
-            except bitsback.ChainError as err:
+            except CodecError as err:
                 raise CodecError(f"images {done}..{done + size - 1}: {err}") from err
             if chunks is not None:
                 chunks.append(size)
@@ -160,7 +151,7 @@ def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
     if [C, H, W] != list(net.image_shape) or header.vocab_size != net.vocab_size:
         raise CodecError(f"the stream holds {header.vocab_size}-level images of shape {[C, H, W]}, this model "
                          f"codes {net.vocab_size}-level images of shape {list(net.image_shape)}")
-    chain = _chain(net, header.T, header.grid_bits)
+    chain = bitsback.Chain(net, header.T, header.grid_bits)
     if header.fingerprint != fingerprint(net, chain):
         raise CodecError("this stream was made with another model (fingerprint mismatch), or this machine "
                          "computes the model's coding constants differently: decode it with the checkpoint "
@@ -183,8 +174,6 @@ def decode(model, data: bytes, progress: bool = False) -> torch.Tensor:
         empty = coder.ans.is_empty()
     except CodecError:
         raise
-    except bitsback.ChainError as err:
-        raise CodecError(str(err)) from err
     except (ValueError, RuntimeError, AssertionError, TypeError, OverflowError, LookupError) as err:
         # constriction refuses what a damaged stream makes it do: a decoding failure, never a crash.
         raise CodecError(f"the stream could not be decoded ({type(err).__name__}: {err}): it is damaged "
@@ -272,7 +261,7 @@ def _unpack(data: bytes):
 
 def rate_report(data: bytes, n_images: int, dims: int) -> dict:
     """Bits per dim of a stream: the whole file, and the ANS payload alone."""
-    header, payload = _unpack(data)
+    _, payload = _unpack(data)
     return {"total_bpd": 8 * len(data) / (n_images * dims), "payload_bpd": 32 * payload.size / (n_images * dims),
             "container_bits": 8 * len(data) - 32 * payload.size}
 
