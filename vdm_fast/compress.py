@@ -90,9 +90,8 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
 
     ``max_chunk`` images at most are coded together (one batched network call per step); the
     chunks start small and grow as the stack can lend them bits. ``grid_bits``: each latent lives
-    on a grid of ``2^-grid_bits`` of its step's std. (A coarser grid borrows fewer bits, so
-    bits-back starts sooner, but on 297 digits at T = 100 the images coded by bits-back cost
-    2.4 % over their bound on grid 2^-2 and 1.9 % on 2^-4.) A list passed as ``chunks``
+    on a grid of ``2^-grid_bits`` of its step's std (a coarser grid borrows fewer bits, so
+    bits-back starts sooner; see docs/design.md for what each costs). A list passed as ``chunks``
     receives the chunk sizes in coding order (0: an image of the direct block, coded before the
     stack could lend bits).
     """
