@@ -2,7 +2,7 @@
 the model's T-step negative ELBO and against zlib, lzma, PNG, WebP and JPEG XL (lossless) on the
 same set of images, and speed.
 
-    python benchmarks/bench_compress.py --ckpt runs/vdm/checkpoint.pt [--n 10 100 0] [--T 100]
+    python benchmarks/bench_compress.py --ckpt runs/vdm/checkpoint.pt [--n 10 100 0] [--T 100] [--bound-reps 2]
 
 Uses the checkpoint's dataset (its test split). Prints a markdown table.
 """
@@ -67,6 +67,25 @@ def direct_bits(model, images, args):
     return bitsback.information(probs, x)
 
 
+@torch.no_grad()
+def stepwise_bound(model, images, T, generator, rows=4096):
+    """Each image's T-step negative ELBO (bits per dim) with every step taken once, one noise
+    draw each: the sum the coder pays, step by step. (Draws at random times, what
+    ``model.bpd`` gives, are heavy-tailed at T = 1000: 50 of them on 40 digits read 3.6 % below
+    this estimate, 400 of them agree with it.)"""
+    model = compress.coding_model(model)
+    total = torch.zeros(len(images), dtype=torch.float64)
+    for lo in range(0, len(images), rows):
+        x = images[lo:lo + rows]
+        per = max(1, rows // len(x))
+        for first in range(0, T, per):
+            steps = torch.arange(first, min(T, first + per), dtype=torch.float64)
+            t = ((steps + 0.5) / T).repeat_interleave(len(x))
+            bpd = model(x.repeat(len(steps), 1, 1, 1), T, generator=generator, t=t).bpd
+            total[lo:lo + len(x)] += bpd.reshape(len(steps), len(x)).sum(0)
+    return total / T
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
@@ -75,7 +94,7 @@ def main():
     parser.add_argument("--T", type=int, default=100)
     parser.add_argument("--max-chunk", type=int, default=32)
     parser.add_argument("--grid-bits", type=int, default=4)
-    parser.add_argument("--elbo-samples", type=int, default=100, help="Monte-Carlo samples of the bound")
+    parser.add_argument("--bound-reps", type=int, default=2, help="estimates of the bound, each over every step")
     args = parser.parse_args()
 
     model, cfg, _ = model_from_checkpoint(args.ckpt)
@@ -95,16 +114,15 @@ def main():
                      f"decode {len(images) / (t2 - t1):.2f} images/s, {chunks.count(0)} images coded directly, "
                      f"{len(chunks)} chunks")
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # [samples, images] Monte-Carlo draws of each image's bound
-            draws = torch.stack([model.double().eval().bpd(images, T=args.T, generator=g)
-                                 for _ in range(args.elbo_samples)])
+        draws = torch.stack([stepwise_bound(model, images, args.T, g) for _ in range(args.bound_reps)])
         direct = chunks.count(0)
-        nelbo, err = draws.mean().item(), draws.mean(1).std().item() / math.sqrt(len(draws))
+        nelbo = draws.mean().item()
+        err = f" ± {draws.mean(1).std().item() / math.sqrt(len(draws)):.4f}" if len(draws) > 1 else ""
         tail = draws[:, direct:].mean().item()  # the images coded by bits-back
         payload_bits = compress.rate_report(stream, len(images), dims)["payload_bpd"] * len(images) * dims
         tail_bpd = (payload_bits - direct_bits(model, images[:direct], args)) / ((len(images) - direct) * dims)
         bits = len(images) * dims
-        row = {"images": len(images), f"negative ELBO (T={args.T})": f"{nelbo:.4f} ± {err:.4f}",
+        row = {"images": len(images), f"negative ELBO (T={args.T})": f"{nelbo:.4f}{err}",
                "VDM file": f"{8 * len(stream) / bits:.4f}", "file / ELBO": f"{8 * len(stream) / bits / nelbo:.4f}",
                "bits-back part / its ELBO": f"{tail_bpd:.4f} / {tail:.4f} = {tail_bpd / tail:.4f}"}
         row.update({name: "not installed" if b is None else f"{b / bits:.4f}"
