@@ -57,10 +57,7 @@ def test_one_image_and_a_last_chunk_left_unfilled(digits):
 
 def direct_bits(model, images, T):
     chain = bitsback.Chain(compress.coding_model(model), T, 4)
-    x = images.reshape(len(images), -1).numpy()
-    count, probs = bitsback.direct_block(chain, x, math.inf)
-    assert count == len(images)
-    return bitsback.information(probs, x)
+    return bitsback.direct_bits(chain, images.reshape(len(images), -1).numpy())
 
 
 def test_a_file_of_directly_coded_images_costs_what_their_model_says(digits):

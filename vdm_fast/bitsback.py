@@ -362,6 +362,12 @@ def direct_block(chain: Chain, x: np.ndarray, bits: float):
     return len(rows), np.concatenate(rows)
 
 
+def direct_bits(chain: Chain, x: np.ndarray) -> float:
+    """Bits that the direct model spends on all of ``x`` ([N, D]) as one block."""
+    _, probs = direct_block(chain, x, math.inf)
+    return information(probs, x)
+
+
 def encode_direct(coder: Coder, x: np.ndarray, probs: np.ndarray) -> None:
     """Sender: the direct block (from ``direct_block``) onto the stack, decoded first to last."""
     coder.push_pixels(x.reshape(-1), probs)
