@@ -1,7 +1,7 @@
 """Monotone noise schedule: gamma and gamma' forward plus the backward of both, every way to
 compute them side by side in one run.
 
-    python benchmarks/bench_schedule.py [--device cpu|cuda] [--impl triton|cuda]
+    python benchmarks/bench_schedule.py [--device cpu|cuda]
 
 Implementations, n = 1024 hidden units, B = 128, 1024 and 65536 times:
 - ``reference``: ``vdm_fast.reference.schedule.nnet``, gamma' through autograd with
@@ -20,7 +20,6 @@ per-launch cost, which at B=128 dominates eager.
 """
 
 import argparse
-import os
 
 import pytest
 import torch
@@ -85,12 +84,8 @@ def cuda_graph_replay(fn, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impl", choices=("triton", "cuda"), default=None,
-                        help="CUDA kernels to time (sets VDM_FAST_CUDA_IMPL)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    if args.impl:
-        os.environ["VDM_FAST_CUDA_IMPL"] = args.impl
     out, per_round = [], []
     for B in SIZES:
         inputs = make_inputs(B, args.device)
@@ -110,9 +105,8 @@ def main():
                             "ms": f"failed: {err}".splitlines()[0][:80]})
         for row in out[-len(impls):]:
             print(row, flush=True)
-    impl = f", {os.environ.get('VDM_FAST_CUDA_IMPL', 'triton')} kernels" if args.device.startswith("cuda") else ""
     print()
-    print(header(f"Monotone schedule (n=1024), gamma + gamma' forward and backward{impl}", args.device))
+    print(header("Monotone schedule (n=1024), gamma + gamma' forward and backward", args.device))
     print(table(out, ["B", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s"]))
     print()
     print(table(per_round, ["B", "vdm_fast vs lean, each round"]))

@@ -1,5 +1,6 @@
-// Reconstruction loss of VDM (docs/design.md, "The math"), the per-element math shared by the
-// C++ CPU kernels (loss.cpp) and the CUDA kernels (loss.cu).
+// Reconstruction loss of VDM (docs/design.md, "The math"): the per-element math of the C++ CPU
+// kernels (loss.cpp), which the Triton kernels (kernels/loss.py) mirror. recon_elem states it
+// for one element; loss.cpp evaluates the same sums in SIMD blocks.
 //
 // For an element with data value x, rescaled latent z = f + exp(gamma/2) eps and precision
 // prec = exp(-gamma), the decoder's logits over the vocabulary grid c_v = (2v + 1)/V - 1 are
@@ -12,12 +13,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
-
-#ifdef __CUDACC__
-#define VDM_HD __host__ __device__ __forceinline__
-#else
-#define VDM_HD inline
-#endif
 
 namespace vdm {
 
@@ -37,7 +32,7 @@ struct ReconElem {
 
 // v* = the grid point nearest to latent z, clamped to the vocabulary: it has the largest logit.
 template <typename T>
-VDM_HD int recon_center(T z, int vocab) {
+inline int recon_center(T z, int vocab) {
   const T vf = std::round(((z + T(1)) * T(vocab) - T(1)) * T(0.5));
   // !(vf >= 0) also catches NaN: the NaN then flows through the arithmetic, not the indexing.
   return !(vf >= T(0)) ? 0 : (vf > T(vocab - 1) ? vocab - 1 : static_cast<int>(vf));
@@ -48,7 +43,7 @@ VDM_HD int recon_center(T z, int vocab) {
 // least 0.5 prec step^2 m (m - 1) below l_{v*}; the window keeps every m with that gap < margin,
 // and m (m - 1) >= r^2 holds for m = ceil(r) + 1.
 template <typename T>
-VDM_HD int recon_half_width(T prec, int vocab) {
+inline int recon_half_width(T prec, int vocab) {
   const T step = T(2) / T(vocab);
   const T r = std::sqrt(T(2) * LogMargin<T>::value / prec) / step;
   return r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
@@ -56,7 +51,7 @@ VDM_HD int recon_half_width(T prec, int vocab) {
 
 // The inclusive index range [lo, hi] of grid points that can matter for latent z.
 template <typename T>
-VDM_HD void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
+inline void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
   const int v = recon_center(z, vocab), m = recon_half_width(prec, vocab);
   *vstar = v;
   *lo = v - m < 0 ? 0 : v - m;
@@ -64,13 +59,13 @@ VDM_HD void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
 }
 
 template <typename T>
-VDM_HD T grid_value(int v, int vocab) {
+inline T grid_value(int v, int vocab) {
   return T(2 * v + 1) / T(vocab) - T(1);
 }
 
 // u_x = (x - v*) step, NaN for an invalid x (load_x's -1).
 template <typename T>
-VDM_HD T x_offset(int x, int vstar, T step) {
+inline T x_offset(int x, int vstar, T step) {
   return x < 0 ? T(NAN) : T(x - vstar) * step;
 }
 
@@ -83,7 +78,7 @@ VDM_HD T x_offset(int x, int vstar, T step) {
 // No term subtracts two large numbers, so float32 keeps its precision at every gamma (the plain
 // "z - c" form loses it both at low noise, where p is one-hot, and at high noise, where |z| >> 1).
 template <typename T>
-VDM_HD ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
+inline ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
   int lo, hi, vstar;
   recon_window(z, prec, vocab, &lo, &hi, &vstar);
   const T step = T(2) / T(vocab);
@@ -118,7 +113,7 @@ enum class XType : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloa
 // values in eager mode; this is what stands where they cannot (torch.compile, CUDA graphs),
 // so an out-of-range or fractional image can never yield a plausible wrong number.
 template <typename X>
-VDM_HD int load_x(const void* x, int64_t i, int vocab) {
+inline int load_x(const void* x, int64_t i, int vocab) {
   const X v = static_cast<const X*>(x)[i];
   if constexpr (std::is_floating_point<X>::value) {
     // Written so that NaN fails: every comparison with NaN is false.
@@ -143,7 +138,7 @@ void with_x_type(XType xt, F&& f) {
   }
 }
 
-// Host entry points. Pointers are raw device or host addresses of contiguous tensors:
+// Entry points. Pointers are raw host addresses of contiguous tensors:
 // x [B, D], eps [B, D], gamma [B], out / grad_gamma / grad_out [B], grad_eps [B, D].
 template <typename T>
 void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T* out,
@@ -171,14 +166,5 @@ void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c,
 template <typename T>
 void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T* w, const T* c,
                       T* grad_x, T* grad_a, T* grad_c, int64_t B, int64_t D);
-
-#ifdef VDM_FAST_WITH_CUDA
-template <typename T>
-void recon_forward_cuda(const void* x, XType xt, const T* eps, const T* gamma, T* out,
-                        int64_t B, int64_t D, int vocab, void* stream);
-template <typename T>
-void recon_backward_cuda(const void* x, XType xt, const T* eps, const T* gamma, const T* grad_out,
-                         T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab, void* stream);
-#endif
 
 }  // namespace vdm

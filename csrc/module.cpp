@@ -1,6 +1,6 @@
-// pybind11 module vdm_fast._C. Kernels take raw addresses (tensor.data_ptr()) of contiguous
-// tensors and, for CUDA, the stream handle: the module never links against torch, so one build
-// serves every torch version. The Python ops (vdm_fast/ops) validate inputs before calling in.
+// pybind11 module vdm_fast._C: the C++ CPU kernels. They take raw addresses (tensor.data_ptr())
+// of contiguous tensors: the module never links against torch, so one build serves every torch
+// version. The Python ops (vdm_fast/ops) validate inputs before calling in.
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -42,15 +42,6 @@ void with_dtype(const std::string& dtype, F&& f) {
 
 py::dict build_info() {
   py::dict info;
-#ifdef VDM_FAST_WITH_CUDA
-  info["cuda"] = true;
-  info["cuda_version"] = VDM_FAST_CUDA_VERSION;
-  info["cuda_archs"] = VDM_FAST_CUDA_ARCHS;
-#else
-  info["cuda"] = false;
-  info["cuda_version"] = py::none();
-  info["cuda_archs"] = py::none();
-#endif
 #ifdef _OPENMP
   info["openmp"] = true;
   info["openmp_max_threads"] = omp_get_max_threads();
@@ -66,7 +57,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vdm_fast compiled kernels (C++ CPU, and CUDA where built)";
+  m.doc() = "vdm_fast compiled CPU kernels (C++/OpenMP)";
   m.def("build_info", &build_info, "What this module was built with.");
 
   py::enum_<vdm::XType>(m, "XType")
@@ -158,48 +149,4 @@ PYBIND11_MODULE(_C, m) {
                                 ptr<T>(gw2), ptr<T>(gb2), ptr<T>(gw3), B, n);
     });
   }, nogil);
-
-#ifdef VDM_FAST_WITH_CUDA
-  m.def("nnet_forward_cuda", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gamma,
-                                Addr dgamma, int64_t B, int64_t n, const std::string& dtype,
-                                Addr stream) {
-    with_dtype(dtype, [&](auto* tag) {
-      using T = VDM_T;
-      vdm::nnet_forward_cuda<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
-                                ptr<T>(gamma), ptr<T>(dgamma), B, n, ptr<void>(stream));
-    });
-  }, nogil);
-  m.def("nnet_backward_cuda", [](Addr t, Addr w1, Addr b1, Addr w2, Addr b2, Addr w3, Addr gg,
-                                 Addr gd, Addr gt, Addr gw1, Addr gb1, Addr gw2, Addr gb2, Addr gw3,
-                                 int64_t B, int64_t n, Addr workspace, const std::string& dtype,
-                                 Addr stream) {
-    with_dtype(dtype, [&](auto* tag) {
-      using T = VDM_T;
-      vdm::nnet_backward_cuda<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2),
-                                 ptr<T>(w3), ptr<T>(gg), ptr<T>(gd), ptr<T>(gt), ptr<T>(gw1),
-                                 ptr<T>(gb1), ptr<T>(gw2), ptr<T>(gb2), ptr<T>(gw3), B, n,
-                                 ptr<void>(workspace), ptr<void>(stream));
-    });
-  }, nogil);
-  m.def("nnet_backward_cuda_workspace", &vdm::nnet_backward_cuda_workspace,
-        "Bytes of zeroed workspace nnet_backward_cuda needs for (B, n).");
-  m.def("recon_forward_cuda", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr out, int64_t B,
-                                 int64_t D, int vocab, const std::string& dtype, Addr stream) {
-    with_dtype(dtype, [&](auto* tag) {
-      using T = VDM_T;
-      vdm::recon_forward_cuda<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(out), B, D,
-                                 vocab, ptr<void>(stream));
-    });
-  }, nogil);
-  m.def("recon_backward_cuda", [](Addr x, vdm::XType xt, Addr eps, Addr gamma, Addr grad,
-                                  Addr grad_eps, Addr grad_gamma, int64_t B, int64_t D, int vocab,
-                                  const std::string& dtype, Addr stream) {
-    with_dtype(dtype, [&](auto* tag) {
-      using T = VDM_T;
-      vdm::recon_backward_cuda<T>(ptr<void>(x), xt, ptr<T>(eps), ptr<T>(gamma), ptr<T>(grad),
-                                  ptr<T>(grad_eps), ptr<T>(grad_gamma), B, D, vocab,
-                                  ptr<void>(stream));
-    });
-  }, nogil);
-#endif
 }

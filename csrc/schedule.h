@@ -36,18 +36,4 @@ void nnet_backward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const 
                        const T* grad_gamma, const T* grad_dgamma, T* grad_t, T* grad_w1, T* grad_b1,
                        T* grad_w2, T* grad_b2, T* grad_w3, int64_t B, int64_t n);
 
-#ifdef VDM_FAST_WITH_CUDA
-template <typename T>
-void nnet_forward_cuda(const T* t, const T* w1, const T* b1, const T* w2, const T* b2, const T* w3,
-                       T* gamma, T* dgamma, int64_t B, int64_t n, void* stream);
-// workspace: nnet_backward_cuda_workspace(B, n) bytes, zero-initialised before the first call
-// (the kernel leaves its counter at zero again).
-template <typename T>
-void nnet_backward_cuda(const T* t, const T* w1, const T* b1, const T* w2, const T* b2, const T* w3,
-                        const T* grad_gamma, const T* grad_dgamma, T* grad_t, T* grad_w1, T* grad_b1,
-                        T* grad_w2, T* grad_b2, T* grad_w3, int64_t B, int64_t n, void* workspace,
-                        void* stream);
-int64_t nnet_backward_cuda_workspace(int64_t B, int64_t n);
-#endif
-
 }  // namespace vdm

@@ -1,5 +1,5 @@
 """Triton kernels of the VDM loss terms (math: ``vdm_fast.reference.loss``; the windowed
-reconstruction loss is derived in ``csrc/loss.h``, which the C++/CUDA kernels share).
+reconstruction loss is derived in ``csrc/loss.h``, which the C++ CPU kernels share).
 
 Layout: every tensor is a contiguous ``[B, D]`` (``[B]`` per-example values). A launch grid is
 ``(B, cdiv(D, BLOCK))``; each program handles one chunk of one example. Per-example sums are
