@@ -36,7 +36,7 @@ struct ReconWindow {
 
 // One block of n elements of one example: each element's v*, w = z - c_{v*}, u_x, and the
 // window sums s0 = sum e_v, s1 = sum e_v u_v, s2 = sum e_v u_v^2 with e_v = exp(l_v - l_{v*})
-// (recon_elem's math in loss.h).
+// (the math of one element in loss.h).
 //
 // The window's exps come from a recurrence, not one exp per grid point: with A = prec step w
 // and C = prec step^2 / 2, l_{v*+k} - l_{v*} = k A - k^2 C, so consecutive terms differ by

@@ -1,12 +1,11 @@
 // Reconstruction loss of VDM (docs/design.md, "The math"): the per-element math of the C++ CPU
-// kernels (loss.cpp), which the Triton kernels (kernels/loss.py) mirror. recon_elem states it
-// for one element; loss.cpp evaluates the same sums in SIMD blocks.
+// kernels (loss.cpp), which the Triton kernels (kernels/loss.py) mirror.
 //
 // For an element with data value x, rescaled latent z = f + exp(gamma/2) eps and precision
 // prec = exp(-gamma), the decoder's logits over the vocabulary grid c_v = (2v + 1)/V - 1 are
 // l_v = -0.5 prec (z - c_v)^2 and the loss is logsumexp_v(l_v) - l_x. The logits are a Gaussian
 // bump over a uniform grid, so we sum only the window of grid points that can change the sum at
-// the working precision (see recon_window), never materialising the vocabulary axis.
+// the working precision (see recon_half_width), never materialising the vocabulary axis.
 #pragma once
 
 #include <cmath>
@@ -22,13 +21,6 @@ namespace vdm {
 template <typename T> struct LogMargin;
 template <> struct LogMargin<float> { static constexpr float value = 25.f; };
 template <> struct LogMargin<double> { static constexpr double value = 50.; };
-
-template <typename T>
-struct ReconElem {
-  T loss;   // -log p(x | z)
-  T dz;     // d loss / d z
-  T dprec;  // d loss / d prec
-};
 
 // v* = the grid point nearest to latent z, clamped to the vocabulary: it has the largest logit.
 template <typename T>
@@ -49,15 +41,6 @@ inline int recon_half_width(T prec, int vocab) {
   return r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
 }
 
-// The inclusive index range [lo, hi] of grid points that can matter for latent z.
-template <typename T>
-inline void recon_window(T z, T prec, int vocab, int* lo, int* hi, int* vstar) {
-  const int v = recon_center(z, vocab), m = recon_half_width(prec, vocab);
-  *vstar = v;
-  *lo = v - m < 0 ? 0 : v - m;
-  *hi = v + m > vocab - 1 ? vocab - 1 : v + m;
-}
-
 template <typename T>
 inline T grid_value(int v, int vocab) {
   return T(2 * v + 1) / T(vocab) - T(1);
@@ -69,40 +52,15 @@ inline T x_offset(int x, int vstar, T step) {
   return x < 0 ? T(NAN) : T(x - vstar) * step;
 }
 
-// Loss of one element and, if want_grad, its derivatives in z and prec.
-// Everything is measured from the window's centre c* = c_{v*}: w = z - c*, u_v = c_v - c* =
-// (v - v*) step (exact). Then l_v - l_{v*} = prec u_v (w - u_v / 2), and with E over p(v | z):
+// The math of one element, which loss.cpp evaluates in SIMD blocks and kernels/loss.py per
+// chunk. Everything is measured from the window's centre c* = c_{v*}: w = z - c*, u_v = c_v - c*
+// = (v - v*) step (exact). Then l_v - l_{v*} = prec u_v (w - u_v / 2), and with E over p(v | z)
+// and the window's points |v - v*| <= recon_half_width:
 //   loss  = log sum_v exp(l_v - l_{v*}) + 0.5 prec u_x (u_x - 2 w)
 //   dz    = prec (E[u] - u_x)
 //   dprec = w (E[u] - u_x) + 0.5 (u_x^2 - E[u^2])
 // No term subtracts two large numbers, so float32 keeps its precision at every gamma (the plain
 // "z - c" form loses it both at low noise, where p is one-hot, and at high noise, where |z| >> 1).
-template <typename T>
-inline ReconElem<T> recon_elem(int x, T z, T prec, int vocab, bool want_grad) {
-  int lo, hi, vstar;
-  recon_window(z, prec, vocab, &lo, &hi, &vstar);
-  const T step = T(2) / T(vocab);
-  const T w = z - grid_value<T>(vstar, vocab);
-  // The sums run in double and add e = 1 + expm1(.): at high noise every e is 1 + O(1e-5) and
-  // a float sum of them would round that O(1e-5) tilt, which carries the gradient, away.
-  double s0 = 0, s1 = 0, s2 = 0;
-  for (int v = lo; v <= hi; ++v) {
-    const T u = T(v - vstar) * step;
-    const double e = 1.0 + static_cast<double>(std::expm1(prec * u * (w - T(0.5) * u)));
-    s0 += e;
-    if (want_grad) {
-      s1 += e * u;
-      s2 += e * u * u;
-    }
-  }
-  const T ux = x_offset<T>(x, vstar, step);
-  ReconElem<T> r;
-  r.loss = static_cast<T>(std::log(s0)) + T(0.5) * prec * ux * (ux - T(2) * w);
-  const T mean_u = static_cast<T>(s1 / s0);
-  r.dz = want_grad ? prec * (mean_u - ux) : T(0);
-  r.dprec = want_grad ? w * (mean_u - ux) + T(0.5) * (ux * ux - static_cast<T>(s2 / s0)) : T(0);
-  return r;
-}
 
 // Element dtypes accepted for x (the images); the latents are float or double.
 enum class XType : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloat64 = 4 };

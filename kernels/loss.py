@@ -164,7 +164,7 @@ def sse_backward(grad, x, y=None, a=None, w=None, c=None):
 
 @triton.jit
 def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.constexpr):
-    """Loads one chunk and finds each element's window (see recon_window in csrc/loss.h)."""
+    """Loads one chunk and finds each element's window (see recon_center and recon_half_width in csrc/loss.h)."""
     b, offs, mask = _chunk(D, BLOCK)
     g = tl.load(gamma_ptr + b)
     prec, scale = tl.exp(-g), tl.exp(0.5 * g)
