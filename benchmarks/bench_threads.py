@@ -26,7 +26,7 @@ def child(reps: int) -> dict:
     import torch
 
     from vdm_fast import ops
-    from vdm_fast.checkpoint import build_model
+    from vdm_fast.factory import build_model
     from vdm_fast.config import resolve
 
     gen = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@ and the fused ops: same model and batch, side by side in one run, with peak memo
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--schedules scalar nnet]
 
-``VDM_FAST_BACKEND=reference`` switches every op to its plain-PyTorch reference. CPU: the
+The reference steps run under ``vdm_fast.backend.use("reference")``. CPU: the
 default digits model (batch 64, 8x8x1, 17 levels) and a small U-Net (32 channels, 2 blocks) on
 8-bit 32x32x3 images, batch 32. CUDA: the CIFAR-10 model (batch 128, 32x32x3, 128 channels, 32
 blocks), bf16 autocast and channels_last, as the driver runs it. The optimiser is AdamW as the
@@ -12,12 +12,12 @@ driver builds it (fused on CPU and CUDA).
 
 import argparse
 import copy
-import os
 
 import torch
 
-from vdm_fast.checkpoint import build_model
+from vdm_fast import backend
 from vdm_fast.config import resolve
+from vdm_fast.factory import build_model
 from vdm_fast.train import make_optimizer
 
 try:
@@ -26,13 +26,13 @@ except ImportError:  # run as a script from the repository root
     from common import compiled, header, measure, rows, table
 
 
-def training_step(model, optimizer, x, backend):
+def training_step(model, optimizer, x, name):
     def step():
-        os.environ["VDM_FAST_BACKEND"] = backend
-        loss = model(x).bpd.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with backend.use(name):
+            loss = model(x).bpd.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     return step
 
 
@@ -68,15 +68,12 @@ def main():
                  ("small U-Net, 32x32x3 8-bit, B=32",
                   dict(data="cifar10", data_dir="-", n_embd=32, n_layer=2, batch_size=32), (3, 32, 32), 256)]
     out = []
-    try:
-        for name, overrides, shape, vocab in cases:
-            for schedule in args.schedules:
-                cfg = resolve(dict(overrides, schedule=schedule))
-                results = measure(implementations(cfg, shape, vocab, device), device, rounds=3, min_time=2.0)
-                out += rows({"model": name, "schedule": schedule}, results)
-                print(*out[-len(results):], sep="\n", flush=True)
-    finally:
-        os.environ["VDM_FAST_BACKEND"] = "auto"
+    for name, overrides, shape, vocab in cases:
+        for schedule in args.schedules:
+            cfg = resolve(dict(overrides, schedule=schedule))
+            results = measure(implementations(cfg, shape, vocab, device), device, rounds=3, min_time=2.0)
+            out += rows({"model": name, "schedule": schedule}, results)
+            print(*out[-len(results):], sep="\n", flush=True)
     print()
     print(header("Training step (forward, backward, AdamW)", args.device))
     print(table(out, ["model", "schedule", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s"]))

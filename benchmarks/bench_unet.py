@@ -17,6 +17,7 @@ import argparse
 
 import torch
 
+from vdm_fast import backend
 from vdm_fast import nn as vnn
 from vdm_fast.ops import attention as fused_attention
 from vdm_fast.ops import norm as fused_norm
@@ -71,10 +72,9 @@ def cifar_training_step_rows(dev, dt, B):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     z, g = torch.randn(B, 3, 32, 32, device=dev), torch.rand(B, device=dev) * 18 - 13
 
-    def train_step(model, ops):
+    def train_step(model, name):
         def step():
-            net.set_ops(ops)
-            with torch.autocast(dev, dtype=dt):
+            with backend.use(name), torch.autocast(dev, dtype=dt):
                 loss = model(z, g).float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,7 +83,7 @@ def cifar_training_step_rows(dev, dt, B):
 
     results = measure({"reference": train_step(net, "reference"),
                        "reference, compiled": train_step(compiled(net), "reference"),
-                       "vdm_fast": train_step(net, "fused")}, dev, min_time=2.0)
+                       "vdm_fast": train_step(net, "auto")}, dev, min_time=2.0)
     return rows({"block": f"CIFAR-10 U-Net training step, B={B}"}, results)
 
 

@@ -4,19 +4,30 @@ Triton kernels run on the CPU through its interpreter where no GPU exists: TRITO
 must be set before triton is first imported, hence here, at collection.
 """
 
+import contextlib
 import os
 
 import pytest
 import torch
-from helpers import PoisonedTorch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import PoisonedTorch  # noqa: E402 (imports vdm_fast, which reads TRITON_INTERPRET)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def use_backend():
+    """``use_backend(name)``: ``vdm_fast.backend.use(name)`` for the rest of the test."""
+    from vdm_fast import backend
+
+    with contextlib.ExitStack() as stack:
+        yield lambda name: stack.enter_context(backend.use(name))
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 from helpers import RTOL, assert_close
 
+from vdm_fast import backend, ops
 from vdm_fast import nn as vnn
-from vdm_fast import ops
 from vdm_fast.reference.attention import attention_block as reference
 
 triton_attention = pytest.importorskip("vdm_fast.kernels.attention", reason="triton is not installed")
 from vdm_fast.ops import attention as ops_attention  # noqa: E402
-from vdm_fast.ops import norm as ops_norm  # noqa: E402
 
 
 @pytest.mark.parametrize("BH, N, d", [(2, 16, 8), (3, 35, 32), (1, 70, 40)])  # N not a block multiple
@@ -76,17 +75,15 @@ def test_fused_unet_matches_reference_unet(monkeypatch):
         out.square().sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
 
-    reference_out, reference_grads = run()
+    with backend.use("reference"):
+        reference_out, reference_grads = run()
 
-    # On the CPU the fused ops would take the reference path: send them to the kernels instead.
-    def fused_norm(x, weight, bias, num_groups=32, eps=1e-6, silu=True, cond=None):
-        return ops_norm._group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
-
-    monkeypatch.setattr(ops_norm, "group_norm_silu", fused_norm)
-    monkeypatch.setattr(ops_attention, "attention_block", ops_attention._attention_block_fused)
-    net.set_ops("reference")
-    assert_close(run()[0], reference_out, 0.0, "reference ops")  # the switch reaches every block
-    net.set_ops("fused")
+    # On the CPU the backend takes the reference for both families: send them to the Triton
+    # kernels, which the interpreter runs (their ops are registered for the CPU under it).
+    monkeypatch.setitem(backend.KERNELS["norm"], "cpu", "triton")
+    monkeypatch.setitem(backend.KERNELS["attention"], "cpu", "triton")
+    with backend.use("reference"):  # the switch reaches every block
+        assert_close(run()[0], reference_out, 0.0, "reference ops")
     fused_out, fused_grads = run()
     assert_close(fused_out, reference_out, 1e-4, "output")
     # Some parameters (e.g. dense0, whose effect a GroupNorm later cancels almost entirely) have
@@ -142,14 +139,13 @@ def test_cuda_fused_unet_matches_reference_under_autocast(dtype):
     z = torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     gamma = torch.tensor([-10.0, -3.0, 0.0, 4.0], device="cuda")
     results = {}
-    for impl in ("reference", "fused"):
-        net.set_ops(impl)
+    for impl in ("reference", "auto"):
         net.zero_grad()
-        with torch.autocast("cuda", dtype=dtype):
+        with backend.use(impl), torch.autocast("cuda", dtype=dtype):
             out = net(z, gamma)
         out.float().square().sum().backward()
         results[impl] = (out.float(), {n: p.grad.float().clone() for n, p in net.named_parameters()})
-    (ref_out, ref_grads), (out, grads) = results["reference"], results["fused"]
+    (ref_out, ref_grads), (out, grads) = results["reference"], results["auto"]
     assert_close(out, ref_out, RTOL[dtype] * 3, "output")
     atol = RTOL[dtype] * max(g.abs().max().item() for g in ref_grads.values())
     for name, g in ref_grads.items():

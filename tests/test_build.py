@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 import torch
+from helpers import needs_cpu_kernels
 
 import vdm_fast
-from vdm_fast import _ext, ops
+from vdm_fast import backend, ops
 from vdm_fast.reference import loss as ref
 
 
@@ -29,7 +30,7 @@ def test_package_imports_and_works_without_the_extension():
             loss = vdm_fast.ops.reconstruction_loss(x, eps, g)
         from vdm_fast.reference.loss import reconstruction_loss
         assert torch.equal(loss, reconstruction_loss(x, eps, g))
-        assert vdm_fast.build_info() == {"extension": False, "cuda": False}
+        assert vdm_fast.build_info() == {"extension": False}
         mine = [w for w in caught if "vdm_fast._C" in str(w.message)]
         print(len(mine))
     """)
@@ -38,27 +39,96 @@ def test_package_imports_and_works_without_the_extension():
     assert out.stdout.strip() == "1", "expected exactly one warning about the missing extension"
 
 
-@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
-def test_extension_reports_its_build():
+@needs_cpu_kernels
+def test_extension_reports_its_build_and_holds_cpu_kernels_only():
     info = vdm_fast.build_info()
-    assert info["extension"] is True and info["openmp"] is True
-    assert isinstance(info["cuda"], bool) and info["compiler"]
-    if info["cuda"]:
-        assert info["cuda_archs"] == "sm_80,sm_90" and "cuda" in info["cuda_version"]
-        assert hasattr(_ext._C, "recon_forward_cuda")
+    assert info["extension"] is True and info["openmp"] is True and info["compiler"]
+    assert not [name for name in dir(backend.cpu_kernels) if "cuda" in name.lower()]
 
 
-def test_backend_reference_forces_the_reference(monkeypatch):
+def test_the_backend_switch_is_scoped_and_refuses_unknown_names():
     def refuse(*args):
-        raise AssertionError("the fused op ran although VDM_FAST_BACKEND=reference")
+        raise AssertionError("the fused op ran under the reference backend")
 
-    monkeypatch.setattr("vdm_fast.ops.loss._reconstruction_loss", refuse)
-    monkeypatch.setenv("VDM_FAST_BACKEND", "reference")
     x, eps, g = torch.randint(0, 256, (2, 5)), torch.randn(2, 5), torch.randn(2)
-    assert torch.equal(ops.reconstruction_loss(x, eps, g), ref.reconstruction_loss(x, eps, g))
-    monkeypatch.setenv("VDM_FAST_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="VDM_FAST_BACKEND"):
-        ops.reconstruction_loss(x, eps, g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("vdm_fast.ops.loss._reconstruction_loss", refuse)
+        with backend.use("reference"):
+            assert backend.current() == "reference"
+            assert torch.equal(ops.reconstruction_loss(x, eps, g), ref.reconstruction_loss(x, eps, g))
+        assert backend.current() == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with backend.use("fastest"):
+            pass
+
+
+def test_vdm_fast_backend_is_read_once_at_import_and_checked():
+    script = ("import os, vdm_fast.backend as b; first = b.current(); os.environ['VDM_FAST_BACKEND'] = 'auto'; "
+              "print(first, b.current())")
+    env = {**os.environ, "VDM_FAST_BACKEND": "reference"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.split() == ["reference", "reference"], proc.stderr
+    env["VDM_FAST_BACKEND"] = "fastest"
+    proc = subprocess.run([sys.executable, "-c", "import vdm_fast.ops"], capture_output=True, text=True, env=env,
+                          cwd="/")
+    assert proc.returncode != 0 and "VDM_FAST_BACKEND must be one of ('auto', 'reference'), got 'fastest'" in proc.stderr
+
+
+def test_no_module_of_the_package_writes_the_environment():
+    root = os.path.dirname(vdm_fast.__file__)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                assert "os.environ[" not in text and "os.putenv" not in text and "setenv" not in text, name
+
+
+# Every public loss op, called the way a trainer calls it, and the reference function that must
+# produce its result under the reference backend.
+_B, _SHAPE = 3, (2, 4, 4)
+
+
+def _loss_calls():
+    x = torch.randint(0, 256, (_B, *_SHAPE))
+    f = ref.encode(x, 256)
+    eps, pred, eps_0 = (torch.randn(_B, *_SHAPE) for _ in range(3))
+    g = torch.tensor([-3.0, 0.0, 2.0])
+    return {
+        "diffuse": (lambda: ops.diffuse(f, eps, g), ["diffuse"]),
+        "diffusion_loss": (lambda: ops.diffusion_loss(eps, pred, g.exp()), ["diffusion_loss"]),
+        "diffusion_loss v": (lambda: ops.diffusion_loss(eps, pred, g.exp(), prediction="v", x=f, gamma_t=g),
+                             ["diffusion_loss"]),
+        "diffusion_loss_discrete": (lambda: ops.diffusion_loss_discrete(eps, pred, g, g - 1, 10),
+                                    ["diffusion_loss_discrete"]),
+        "prior_loss": (lambda: ops.prior_loss(f, g + 3), ["prior_loss"]),
+        "reconstruction_loss": (lambda: ops.reconstruction_loss(x, eps_0, g - 5), ["reconstruction_loss"]),
+        "encode": (lambda: ops.encode(x), ["encode"]),
+        "vlb_terms": (lambda: ops.vlb_terms(x, eps, pred, eps_0, g, g - 5, g + 3, dgamma_dt=g.exp()).bpd,
+                      ["diffusion_loss", "reconstruction_loss", "prior_loss"]),
+    }
+
+
+@pytest.mark.parametrize("op", list(_loss_calls()))
+def test_under_the_reference_backend_every_loss_op_returns_the_reference_functions_result(op, monkeypatch):
+    """Each reference function named is replaced by one that records its call and returns its
+    result plus a marker: the op's output must carry the marker, so it came from there."""
+    call, names = _loss_calls()[op]
+    called = []
+    for name in names:
+        original = getattr(ref, name)
+
+        def marked(*args, _original=original, _name=name, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs) + 1000.0
+
+        monkeypatch.setattr(ref, name, marked)
+    with backend.use("reference"):
+        marked_out = call()
+    monkeypatch.undo()
+    with backend.use("reference"):
+        plain_out = call()
+    assert sorted(called) == sorted(names)
+    assert not torch.allclose(marked_out, plain_out)  # the reference's output is what came back
 
 
 def test_every_triton_kernel_compiles_for_the_card():
@@ -94,8 +164,7 @@ def test_a_missing_extra_names_the_pip_install_to_run(monkeypatch):
         _extras.require("train")
 
 
-@pytest.mark.skipif(not _ext.has_cpu_kernels() or not _ext.build_info().get("openmp"),
-                    reason="needs vdm_fast._C built with OpenMP")
+@pytest.mark.skipif(not backend.build_info().get("openmp"), reason="needs vdm_fast._C built with OpenMP")
 def test_the_cpu_kernels_share_torchs_openmp_runtime_and_thread_count():
     """torch's CPU build and vdm_fast._C both need libgomp.so.1: the process loads it once, so
     the kernels run on torch's thread pool with torch.get_num_threads() threads."""

@@ -204,9 +204,10 @@ def test_damaged_truncated_foreign_old_and_bad_arguments_are_refused(digits):
 
 def test_cli_round_trip(tmp_path, digits):
     from vdm_fast import checkpoint, config
+    from vdm_fast.factory import build_model
 
     cfg = config.parse_args(["--n-embd", "32", "--n-layer", "0"])
-    model = checkpoint.build_model(cfg, (1, 8, 8), 17)
+    model = build_model(cfg, (1, 8, 8), 17)
     names = [n for n, _ in model.named_parameters()]
     checkpoint.save(tmp_path / "ck.pt", {"config": config.to_dict(cfg), "step": 0, "model": model.state_dict(),
                                          "ema": dict(zip(names, model.parameters())), "image_shape": [1, 8, 8],

@@ -257,10 +257,10 @@ def test_float_images_get_a_conversion_hint():
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("bad", [300, -1, 2.5, float("nan")])
-def test_invalid_images_give_nan_where_checks_cannot_run(monkeypatch, backend, bad):
+def test_invalid_images_give_nan_where_checks_cannot_run(use_backend, backend, bad):
     """Inside torch.compile the value checks are skipped (they would need a host sync): the
     kernels and the reference then make the example's loss and gradient NaN."""
-    monkeypatch.setenv("VDM_FAST_BACKEND", backend)
+    use_backend(backend)
     x = torch.randint(0, 256, (3, 10)).double()
     x[1, 4] = bad
     eps = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, max_rel_err, requires_cuda
+from helpers import RTOL, assert_close, max_rel_err, requires_cuda, needs_cpu_kernels
 
-from vdm_fast import _ext, ops
+from vdm_fast import ops
 from vdm_fast.ops import loss as ops_loss
 from vdm_fast.reference import loss as ref
+from vdm_fast.reference import times as ref_times
 
-needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
 GAMMAS_0 = [-13.3, -5.0, 0.0, 5.0]
 
 
@@ -64,7 +64,7 @@ def _gaussian_vlb_terms(n, dims, s, gamma_min=-13.3, gamma_max=5.0, T=0):
 
     eps = torch.randn(n, dims, dtype=dt)
     if T:
-        t, t_s = ref.discretize_time(t, T)
+        t, t_s = ref_times.discretize_time(t, T)
     z = ref.diffuse(x, eps, gamma(t))
     alpha, sigma = ref.alpha_sigma(gamma(t))
     eps_hat = (sigma / (alpha**2 * s**2 + sigma**2))[:, None] * z
@@ -104,7 +104,7 @@ def test_discrete_time_loss_approaches_continuous_time():
 
 
 def test_antithetic_discretised_times_stay_on_the_grid():
-    t, s = ref.discretize_time(torch.tensor([0.0, 1e-6, 0.5, 1.0]), 10)
+    t, s = ref_times.discretize_time(torch.tensor([0.0, 1e-6, 0.5, 1.0]), 10)
     assert torch.allclose(t, torch.tensor([0.1, 0.1, 0.5, 1.0]))
     assert torch.allclose(s, t - 0.1) and (s >= 0).all()
 
@@ -124,7 +124,7 @@ def _recon_with_grads(fn, x, eps, g, grad_out, vocab=256):
     return (loss, *torch.autograd.grad(loss, (eps, g), grad_out))
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
 @pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (1, 8, 8)])
 def test_reconstruction_loss_matches_reference_float64(gamma, shape, poisoned):
@@ -139,7 +139,7 @@ def test_reconstruction_loss_matches_reference_float64(gamma, shape, poisoned):
         assert_close(a, b, 1e-9, name, atol=1e-13 * eps.numel())
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
 def test_reconstruction_loss_float32_is_as_accurate_as_the_reference(gamma, poisoned):
     """float32 kernel and float32 reference both against the float64 truth: the kernel's error
@@ -155,7 +155,7 @@ def test_reconstruction_loss_float32_is_as_accurate_as_the_reference(gamma, pois
         assert err <= max(2 * ref_err, RTOL[torch.float32]), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_reconstruction_loss_gradcheck_float64():
     for gamma in GAMMAS_0:
         x, eps, g = _recon_inputs(2, (3, 2), gamma, torch.float64)
@@ -163,7 +163,7 @@ def test_reconstruction_loss_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda e, gg: ops.reconstruction_loss(x, e, gg), (eps, g))
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64,
                                      torch.float16, torch.float32, torch.float64])
 def test_reconstruction_loss_accepts_any_integer_valued_dtype(x_dtype):
@@ -171,7 +171,7 @@ def test_reconstruction_loss_accepts_any_integer_valued_dtype(x_dtype):
     assert_close(ops.reconstruction_loss(x, eps, g), ref.reconstruction_loss(x.long(), eps, g), 1e-12)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_reconstruction_loss_non_contiguous_and_small_vocab():
     x, eps, g = _recon_inputs(3, (4, 6), -2.0, torch.float64, vocab=17)
     x_t, eps_t = x.transpose(1, 2), eps.transpose(1, 2)  # non-contiguous views
@@ -182,7 +182,7 @@ def test_reconstruction_loss_non_contiguous_and_small_vocab():
         assert_close(a, b, 1e-10)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_reconstruction_loss_opcheck():
     x, eps, g = _recon_inputs(2, (6,), -5.0, torch.float32)
     torch.library.opcheck(torch.ops.vdm_fast.reconstruction_loss.default,
@@ -191,7 +191,7 @@ def test_reconstruction_loss_opcheck():
                           (torch.randn(2), x, eps.detach(), g.detach(), 256))
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_reconstruction_loss_under_torch_compile_fullgraph():
     x, eps, g = _recon_inputs(2, (3, 4, 4), -5.0, torch.float32)
 
@@ -226,7 +226,7 @@ def _grads(fn, inputs, grad_out):
     return (out, *torch.autograd.grad(out, wrt, grad_out))
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5, 7), (5, 1027)])
 @pytest.mark.parametrize("gamma_scale", [1.0, 20.0])
@@ -242,7 +242,7 @@ def test_diffuse_matches_reference(dtype, shape, gamma_scale, poisoned):
         assert_close(a, b, RTOL[dtype] * 10, name)
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 3, 5, 7), (2, 5000)])
 def test_diffusion_and_prior_losses_match_reference(dtype, shape, poisoned):
@@ -267,7 +267,7 @@ def test_diffusion_and_prior_losses_match_reference(dtype, shape, poisoned):
             assert_close(a, b, RTOL[dtype] * 10)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_fused_ops_gradcheck_float64():
     f, eps = torch.rand(2, 5, dtype=torch.float64) * 2 - 1, torch.randn(2, 5, dtype=torch.float64)
     eps_hat = torch.randn(2, 5, dtype=torch.float64)
@@ -278,7 +278,7 @@ def test_fused_ops_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda f, g: ops.prior_loss(f, g), (args[0], args[3]))
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_all_loss_ops_pass_opcheck():
     f, eps, gamma = torch.rand(2, 6) * 2 - 1, torch.randn(2, 6), torch.randn(2)
     ops_ = torch.ops.vdm_fast
@@ -293,7 +293,7 @@ def test_all_loss_ops_pass_opcheck():
                           (torch.randn(2), f.detach(), eps.detach(), a.detach(), f.detach(), c.detach()))
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_vlb_terms_under_torch_compile_fullgraph_matches_eager():
     x = torch.randint(0, 256, (2, 3, 4, 4))
     eps, eps_0 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
@@ -387,13 +387,9 @@ def test_triton_reconstruction_loss_matches_reference(gamma, poisoned):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("gamma", GAMMAS_0 + [-20.0, 20.0])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 5, 7)])
-def test_cuda_loss_ops_match_reference(impl, gamma, shape, monkeypatch, poisoned):
-    if impl == "cuda" and not _ext.has_cuda_kernels():
-        pytest.skip("vdm_fast._C was built without CUDA")
-    monkeypatch.setenv("VDM_FAST_CUDA_IMPL", impl)
+def test_cuda_loss_ops_match_reference(gamma, shape, poisoned):
     poisoned(ops_loss)
     poisoned(triton_loss)
     B = 6

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 
 from vdm_fast import nn as vnn
-from vdm_fast.reference import features, loss as ref_loss
+from vdm_fast.reference import features, loss as ref_loss, sampling
 
 
 def small_vdm(schedule="scalar", attention="middle", channels=1, size=6, vocab=17, n_layer=1):
@@ -103,7 +103,7 @@ def test_ancestral_step_matches_the_gaussian_posterior():
     eps = torch.randn_like(x)
     g_t, g_s = torch.full((1000,), 2.0, dtype=torch.float64), torch.full((1000,), -1.0, dtype=torch.float64)
     z_t = ref_loss.diffuse(x, eps, g_t)
-    mean = ref_loss.ancestral_step(z_t, eps, g_t, g_s, torch.zeros_like(x))
+    mean = sampling.ancestral_step(z_t, eps, g_t, g_s, torch.zeros_like(x))
     # q(z_s | z_t, x) mean: (alpha_t|s sigma_s^2 / sigma_t^2) z_t + (alpha_s sigma_t|s^2 / sigma_t^2) x
     a_t, s_t = ref_loss.alpha_sigma(g_t[:, None])
     a_s, s_s = ref_loss.alpha_sigma(g_s[:, None])
@@ -162,13 +162,13 @@ def test_weighted_objectives():
         return model(x, generator=torch.Generator().manual_seed(1))
 
     elbo = run("elbo")
-    assert torch.equal(elbo.objective, elbo.bpd)  # w = 1 is the ELBO
+    assert torch.equal(model.objective(elbo), elbo.bpd)  # w = 1 is the ELBO
     nearly_one = run("sigmoid", bias=60.0)  # sigmoid(60 + gamma) = 1 to double precision here
-    assert_close(nearly_one.objective, elbo.bpd, 1e-12)
+    assert_close(model.objective(nearly_one), elbo.bpd, 1e-12)
     simple = run("eps_mse")
     # The "simple" loss: the diffusion term becomes 0.5 ||eps - eps_hat||^2 = diffusion / gamma'.
     expected = (simple.reconstruction + simple.prior + simple.diffusion / 18.3) / (36 * math.log(2))
-    assert_close(simple.objective, expected, 1e-12)
+    assert_close(model.objective(simple), expected, 1e-12)
     assert torch.equal(simple.bpd, elbo.bpd)  # the bound itself is unchanged
 
 
@@ -195,3 +195,44 @@ def test_guidance_scale_zero_is_the_conditional_model():
     plain = small_vdm()
     with pytest.raises(ValueError, match="unconditional"):
         plain(x, labels=labels)
+
+
+def _attributes(model):
+    """Every module's attributes: plain values as they are, tensors and torch's bookkeeping
+    dicts (parameters, buffers, submodules, hooks) by their keys."""
+    state = {}
+    for name, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                attrs[key] = ("tensor", tuple(value.shape))
+            elif isinstance(value, dict):
+                attrs[key] = ("dict", sorted(value))
+            else:
+                attrs[key] = value
+        state[name] = attrs
+    return state
+
+
+@pytest.mark.parametrize("schedule_objective, weighting", [("variance", "elbo"), ("elbo", "sigmoid"),
+                                                           ("variance", "eps_mse")])
+def test_a_training_forward_leaves_nothing_on_the_module(schedule_objective, weighting):
+    """The forward returns all that the objectives need: the module's attributes after a
+    training forward, backward and variance gradients are those before."""
+    net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.1, num_classes=3)
+    schedule = vnn.MonotoneNetSchedule(n_features=8, pinned=True)
+    model = vnn.VDM(net, schedule, (1, 6, 6), vocab_size=17, weighting=weighting, num_classes=3,
+                    schedule_objective=schedule_objective).train()
+    before = _attributes(model)
+    x, labels = torch.randint(0, 17, (4, 1, 6, 6)), torch.tensor([0, 1, 2, 3])
+    out = model(x, generator=torch.Generator().manual_seed(0), labels=labels)
+    assert _attributes(model) == before
+    out.gamma_t.retain_grad()
+    out.dgamma_dt.retain_grad()
+    model.objective(out).mean().backward()
+    if schedule_objective == "variance":
+        grads = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
+        assert [g.shape for g in grads] == [p.shape for p in model.schedule.network()]
+    assert _attributes(model) == before
+    assert out.weight.shape == (4,) and not out.weight.requires_grad
+    assert out.gamma_t.requires_grad and out.dgamma_dt.requires_grad

@@ -5,14 +5,13 @@ import itertools
 
 import pytest
 import torch
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, needs_cpu_kernels
 
-from vdm_fast import _ext, ops
+from vdm_fast import ops
 from vdm_fast.ops import loss as ops_loss
 from vdm_fast.reference import loss as ref
 from vdm_fast.reference import parameterization as param
 
-needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
 KINDS = param.PREDICTIONS
 
 
@@ -47,14 +46,15 @@ def test_equivalent_predictions_give_the_same_bound():
     expected = ref.diffusion_loss(eps, eps_hat, dgamma)
     for kind in KINDS:
         pred = param.from_eps(eps_hat, z, gamma, kind)
-        assert_close(param.diffusion_loss(eps, pred, x, gamma, dgamma, kind), expected, 1e-10, kind)
+        assert_close(ref.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma), expected, 1e-10,
+                     kind)
     # In x form the continuous bound is -0.5 SNR'(t) ||x - x_hat||^2, with SNR' = -gamma' SNR.
     x_hat = param.from_eps(eps_hat, z, gamma, "x")
     snr_prime = -dgamma * torch.exp(-gamma)
     assert_close(-0.5 * snr_prime * ((x - x_hat) ** 2).sum((1, 2, 3)), expected, 1e-10)
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", [0, 10])
 def test_fused_losses_take_every_prediction_without_conversion(kind, T, poisoned):
@@ -71,8 +71,9 @@ def test_fused_losses_take_every_prediction_without_conversion(kind, T, poisoned
         return ops.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma)
 
     def reference(pred, gamma):
-        weight = 0.5 * T * torch.expm1(gamma - gamma_s) / (0.5 * dgamma) if T else 1.0
-        return weight * param.diffusion_loss(eps, pred, x, gamma, dgamma, kind)
+        if T:
+            return ref.diffusion_loss_discrete(eps, pred, gamma, gamma_s, T, prediction=kind, x=x)
+        return ref.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma)
 
     results = []
     for fn in (fused, reference):
@@ -85,7 +86,7 @@ def test_fused_losses_take_every_prediction_without_conversion(kind, T, poisoned
                  ref.diffusion_loss(eps, eps_hat, dgamma), 1e-10, "same bound as eps")
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_fused_v_loss_gradcheck():
     x, eps, gamma, z = _state(B=2, shape=(3,))
     pred = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)

@@ -75,8 +75,8 @@ def test_pinned_endpoints_are_exempt_from_weight_decay():
 # --- 2. autocast covers the score network only -----------------------------------------------
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_schedule_and_loss_stay_float32_under_the_score_networks_autocast(monkeypatch, backend):
-    monkeypatch.setenv("VDM_FAST_BACKEND", backend)
+def test_schedule_and_loss_stay_float32_under_the_score_networks_autocast(use_backend, backend):
+    use_backend(backend)
     x = torch.randint(0, 17, (4, 1, 8, 8))
     seen = {}
     results = []
@@ -112,8 +112,9 @@ def test_the_schedules_gradient_is_the_bounds_for_every_weighting(schedule_cls, 
             for p in model.score_net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         out = model(x, T=T, t=t, eps=eps, eps_0=eps_0)
-        out.objective.mean().backward()
-        objectives[weighting] = out
+        objective = model.objective(out)
+        objective.mean().backward()
+        objectives[weighting] = out, objective
         grads[weighting] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for weighting in ("sigmoid", "eps_mse"):
         for name, g in grads[weighting].items():
@@ -123,8 +124,8 @@ def test_the_schedules_gradient_is_the_bounds_for_every_weighting(schedule_cls, 
         conv = "score_net.conv_out.weight"
         assert (grads[weighting][conv] - grads["elbo"][conv]).abs().max() > 1e-3 * grads["elbo"][conv].abs().max()
         # and the reported objective is the weighted loss.
-        out = objectives[weighting]
-        assert not torch.allclose(out.objective, out.bpd)
+        out, objective = objectives[weighting]
+        assert not torch.allclose(objective, out.bpd)
 
 
 # --- 6. variance minimisation of the schedule's interior --------------------------------------
@@ -136,18 +137,21 @@ def test_variance_gradients_are_those_of_the_mean_squared_diffusion_loss():
     t = torch.rand(5, generator=draws, dtype=torch.float64)
     eps, eps_0 = (torch.randn(5, 1, 8, 8, generator=draws, dtype=torch.float64) for _ in range(2))
 
-    # The expected gradients by plain autograd, from a forward of their own (autograd.grad on
-    # the trained forward would also fill the tensors whose grads the model retains).
+    # The expected gradients by plain autograd, each from a forward of its own.
     out = model(x, t=t, eps=eps, eps_0=eps_0)
     network = model.schedule.network()
     expected = torch.autograd.grad(((out.diffusion / (64 * math.log(2))) ** 2).mean(), network)
     out = model(x, t=t, eps=eps, eps_0=eps_0)
-    endpoints = torch.autograd.grad(out.objective.mean(), (model.schedule.gamma_0, model.schedule.gamma_1))
+    endpoints = torch.autograd.grad(model.objective(out).mean(), (model.schedule.gamma_0, model.schedule.gamma_1))
 
-    model(x, t=t, eps=eps, eps_0=eps_0).objective.mean().backward()
-    model.variance_gradients_()
-    for name, p, g in zip(("w1", "b1", "w2", "b2", "w3"), network, expected):
-        assert_close(p.grad, g, 1e-9, name, atol=1e-15)
+    # The trainer's way: the objective's gradients at the schedule's outputs, then the companion.
+    out = model(x, t=t, eps=eps, eps_0=eps_0)
+    out.gamma_t.retain_grad()
+    out.dgamma_dt.retain_grad()
+    model.objective(out).mean().backward()
+    got = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
+    for name, g_got, g in zip(("w1", "b1", "w2", "b2", "w3"), got, expected):
+        assert_close(g_got, g, 1e-9, name, atol=1e-15)
     assert_close(model.schedule.gamma_0.grad, endpoints[0], 1e-12, "gamma_0 keeps the bound's gradient")
     assert_close(model.schedule.gamma_1.grad, endpoints[1], 1e-12, "gamma_1 keeps the bound's gradient")
 

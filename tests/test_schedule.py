@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, needs_cpu_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vdm_fast import _ext, ops
+from vdm_fast import ops
 from vdm_fast import nn as vnn
 from vdm_fast.ops import schedule as ops_schedule
 from vdm_fast.reference import schedule as ref
+from vdm_fast.reference import times as ref_times
 
 
 def _random_nnet_params(n=64, dtype=torch.float64):
@@ -64,7 +65,7 @@ def test_learned_schedules_train_through_gamma_and_its_derivative():
 
 def test_antithetic_times_cover_the_unit_interval_evenly():
     g = torch.Generator().manual_seed(3)
-    t = ref.antithetic_times(8, generator=g)
+    t = ref_times.antithetic_times(8, generator=g)
     assert ((t >= 0) & (t < 1)).all()
     gaps = torch.diff(torch.sort(t).values)
     assert_close(gaps, torch.full((7,), 1 / 8), 1e-5)
@@ -78,7 +79,6 @@ def test_schedule_rejects_bad_endpoints():
 # --- the fused op against the autograd reference ------------------------------------------------
 
 
-needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="vdm_fast._C not built")
 
 
 def _times(B, dtype):
@@ -99,7 +99,7 @@ def _fused_and_reference(fn, t, params, upstream):
     return results
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B, n", [(1, 1), (37, 7), (300, 1024)])
 @pytest.mark.parametrize("which", ["gamma", "dgamma", "both"])
@@ -115,14 +115,14 @@ def test_fused_schedule_matches_autograd_reference(dtype, B, n, which, poisoned)
         assert_close(a, b, RTOL[dtype] * 10, name)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_fused_schedule_gradcheck_float64():
     params = [p.requires_grad_() for p in _random_nnet_params(5)]
     t = torch.rand(6, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: ops.gamma_nnet(*a), (t, *params))
 
 
-@needs_ext
+@needs_cpu_kernels
 @pytest.mark.parametrize("seed", range(3))
 def test_fused_schedule_is_monotone(seed):
     torch.manual_seed(seed)
@@ -131,7 +131,7 @@ def test_fused_schedule_is_monotone(seed):
     assert (gamma[1:] > gamma[:-1]).all() and (dgamma > 0).all()
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_fused_schedule_opcheck_and_compile():
     params = [p.float().requires_grad_() for p in _random_nnet_params(9)]
     t = torch.rand(5)
@@ -150,7 +150,7 @@ def test_fused_schedule_opcheck_and_compile():
         assert_close(u, v, 1e-5)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_pinned_schedule_hits_its_endpoints_and_matches_the_reference_composition():
     w1, b1, w2, b2, w3 = _random_nnet_params(16)
     g0, g1 = torch.tensor([-11.0], dtype=torch.float64), torch.tensor([6.0], dtype=torch.float64)
@@ -163,7 +163,7 @@ def test_pinned_schedule_hits_its_endpoints_and_matches_the_reference_compositio
     assert_close(dgamma[1], scale * dg_all[0], 1e-12)
 
 
-@needs_ext
+@needs_cpu_kernels
 def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
     """Shape parameters: sum_i 2 L_i dL_i/d eta == d/d eta sum_i L_i^2 (autograd, reference)."""
     params = [p.requires_grad_() for p in _random_nnet_params(12)]
@@ -201,9 +201,9 @@ def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
             p.copy_(q)
         schedule.gamma_0.copy_(endpoints[0])
         schedule.gamma_1.copy_(endpoints[1])
-    schedule.variance_gradients_(t, grad_gamma, grad_dgamma, L)
-    for p, b in zip(schedule.network(), expected):
-        assert_close(p.grad, b, 1e-10, atol=atol)
+    for g, b in zip(schedule.variance_gradients(t, grad_gamma, grad_dgamma, L), expected):
+        assert_close(g, b, 1e-10, atol=atol)
+    assert all(p.grad is None for p in schedule.parameters())  # returned, not set
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -217,9 +217,9 @@ def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
     (dict(t=torch.tensor([1, 0])), TypeError, "t must be a floating-point tensor"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_fused_schedule_rejects(change, error, match, backend, monkeypatch):
+def test_fused_schedule_rejects(change, error, match, backend, use_backend):
     """On the CPU kernel (which reads t's range as it runs) and on the reference path alike."""
-    monkeypatch.setenv("VDM_FAST_BACKEND", backend)
+    use_backend(backend)
     good = dict(t=torch.rand(3), w1=torch.randn(1, 1), b1=torch.randn(1), w2=torch.randn(4, 1),
                 b2=torch.randn(4), w3=torch.randn(1, 4))
     with pytest.raises(error, match=match):
@@ -248,12 +248,8 @@ def test_triton_schedule_matches_autograd_reference(dtype, B, n, max_programs, p
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("B", [1, 128, 1000, 65536])
-def test_cuda_schedule_matches_autograd_reference(impl, B, monkeypatch, poisoned):
-    if impl == "cuda" and not _ext.has_cuda_kernels():
-        pytest.skip("vdm_fast._C was built without CUDA")
-    monkeypatch.setenv("VDM_FAST_CUDA_IMPL", impl)
+def test_cuda_schedule_matches_autograd_reference(B, poisoned):
     poisoned(ops_schedule)
     poisoned(triton_schedule)
     for dtype in (torch.float64, torch.float32):
@@ -282,11 +278,10 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled CPU kernels")
-def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(monkeypatch):
-    """A plain eager call runs the kernel function without the dispatcher (its round trips were
-    ~8 % of the B=128 step); under a dispatch mode (make_fx, fake tensors, FlopCounterMode)
-    the registered ops run, with the same results to the bit."""
+@needs_cpu_kernels
+def test_eager_calls_and_dispatch_modes_run_the_registered_ops():
+    """One call path: an eager call and a call under a dispatch mode (make_fx, fake tensors,
+    FlopCounterMode) both reach the registered ops, with the same results to the bit."""
     t = torch.rand(16, dtype=torch.float64)
     params = [p.requires_grad_() for p in _random_nnet_params(n=8)]
     weights = torch.randn(2, 16, dtype=torch.float64)
@@ -298,21 +293,15 @@ def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(monkeypat
     with _RecordOps() as mode:
         traced = run()
     assert "vdm_fast.gamma_nnet.default" in mode.ops and "vdm_fast.gamma_nnet_backward.default" in mode.ops
-
-    def refuse(*args):
-        raise AssertionError("an eager call went through the dispatcher")
-
-    for op in (ops_schedule._gamma_nnet, ops_schedule._gamma_nnet_backward):
-        monkeypatch.setattr(op, "overload", refuse)
     eager = run()
     for a, b in zip(eager, traced):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled CPU kernels")
+@needs_cpu_kernels
 def test_vmap_goes_through_the_registered_op():
-    """vmap's batched tensors look like plain tensors but hold no storage: the op must take the
-    dispatcher (and torch's per-example fallback), not the eager path's data pointers."""
+    """vmap's batched tensors look like plain tensors but hold no storage: the op takes torch's
+    per-example fallback, never their data pointers."""
     t = torch.rand(3, 16, dtype=torch.float64)
     params = _random_nnet_params(n=8)
     gamma, dgamma = torch.vmap(lambda row: ops.gamma_nnet(row, *params))(t)

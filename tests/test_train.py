@@ -51,6 +51,18 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
     assert config.parse_args(["--config", str(j)]).lr == 0.01
 
 
+def test_the_ops_backend_is_scoped_to_the_run(tmp_path, monkeypatch):
+    from vdm_fast import backend
+
+    seen = []
+    monkeypatch.setattr(train, "_train", lambda cfg, job: seen.append(backend.current()) or {})
+    before, environment = backend.current(), dict(os.environ)
+    train.train(config.parse_args(["--out-dir", str(tmp_path), "--ops", "reference", *TINY]))
+    assert seen == ["reference"] and backend.current() == before and dict(os.environ) == environment
+    assert config.resolve({}).ops == "auto"
+    assert config.resolve({"ops": "fused"}).ops == "auto"  # a config stored before the backends were named
+
+
 def test_config_errors_name_the_field(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("n_embed: 96\n")
@@ -204,15 +216,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     max_bad_steps of them, and the checkpoint of step 4 stays intact."""
     from vdm_fast.nn import vdm as vdm_module
 
-    real = vdm_module.ops.vlb_terms
+    real = vdm_module.ops.diffusion_loss
     calls = {"n": 0}
 
-    def poisoned_terms(*args, **kwargs):
+    def poisoned_loss(*args, **kwargs):
         calls["n"] += 1
-        terms = real(*args, **kwargs)
-        return terms._replace(bpd=terms.bpd * float("nan")) if calls["n"] > 4 else terms
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(vdm_module.ops, "vlb_terms", poisoned_terms)
+    monkeypatch.setattr(vdm_module.ops, "diffusion_loss", poisoned_loss)
     cfg = config.parse_args(["--out-dir", str(tmp_path), "--steps", "20", "--ckpt-every", "4",
                              "--max-bad-steps", "3", *TINY])
     with pytest.raises(train.NonFiniteLoss, match="3 steps in a row.*untouched"):

@@ -19,8 +19,9 @@ receiver, which meets the chunks last to first, knows each one.
 The direct block. Its cost above the bound is most of a small file's overhead, so it is coded
 with the best model that needs no bits back at hand: the network's guess of the image at
 ``z_1 = 0`` (about the data's mean image), as a bump of std 1/3 of the value range around each
-pixel's guess, times the counts of the values coded so far (an adaptive histogram). On the
-digits test images that is ~2.5 bits a pixel against log2(17) = 4.1 for uniform.
+pixel's guess, times the counts of the values coded so far (an adaptive histogram): most
+pixels lie near the mean image, and the counts learn the file's own histogram, so both cost less
+than a uniform code of log2(vocab) bits a pixel (the figures: benchmarks/RESULTS.md).
 
 Lattices. ``z_i`` lives on ``delta_i Z^D``, with ``delta_i`` a ``2^-grid_bits`` fraction of the
 smaller of the two stds it is coded with (popped under ``q``, pushed under ``p``). A latent is
@@ -36,9 +37,10 @@ last bits. So the distributions are functions of exact values only:
   (and are part of the stream's fingerprint, so a machine that rounds one differently refuses
   the stream instead of misdecoding it);
 - the network's ``eps_hat`` is rounded to a ``2^-_EPS_BITS`` grid; where a value lies within
-  ``_MARGIN`` of a rounding boundary (float64 outputs differ across machines by ~1e-15, the
-  margin is 9e-13) the sender records which way it rounded, as a hint on the stack; a receiver
-  whose own value is near a boundary that the sender did not flag stops with an error;
+  ``_MARGIN`` of a rounding boundary (float64 outputs differ across machines in their last
+  bits, far inside the margin) the sender records which way it rounded, as a hint on the
+  stack; a receiver whose own value is near a boundary that the sender did not flag stops with
+  an error;
 - everything after that is IEEE arithmetic (``+ - * /``, floor), the decoder's ``exp`` is a
   polynomial in those (numpy's ``exp`` picks SIMD code by CPU), and ``constriction`` builds
   its integer distributions in portable code.
@@ -59,10 +61,12 @@ _RANGE = 8
 _ESCAPE_BITS = 16  # the escaped excess is pushed as two 16-bit halves
 # eps_hat is rounded to multiples of 2^-_EPS_BITS (its error moves a mean by < 2^-11 of a std).
 _EPS_BITS = 16
-# Values within _MARGIN of a rounding boundary are hinted: 2^-40 is ~300x the largest difference
-# measured between CPU capabilities (2.7e-15), and flags 2^-23 of the values. Each hint costs
-# ~30 bits (one symbol over 2 x chunk x D, and a nonzero count; a step's count is coded with
-# P(0) = 1 - 2^-10, 0.0014 bits). At 2^-36 the hints were 4 % of a T = 1000 file.
+# Values within _MARGIN of a rounding boundary are hinted. 2^-40 sits well above the differences
+# between CPU capabilities (float64 outputs that differ in their last bits), and flags 2^-23 of
+# the values. Each hint costs ~30 bits (one symbol over 2 x chunk x D, and a nonzero count; a
+# step's count is coded with P(0) = 1 - 2^-10, 0.0014 bits), so every doubling of the margin
+# doubles a cost that long files pay on every step: the margin is kept as narrow as that safety
+# allows.
 _MARGIN = 2.0**-40
 _MAX_HINTS = 255
 # Per-step constants: the schedule's gamma rounded to 2^-32, derived constants to 40 bits.
@@ -162,8 +166,9 @@ class Chain:
     def bits_per_image(self) -> int:
         """Stack bits a bits-back chunk borrows per image: two steps of pops (each ~log2(std
         sqrt(2 pi e)) bits a latent) before their gives come back, and half a bit a latent to
-        spare (a pop's cost varies by ~1.4 bits a latent, so ~11 bits over 64 of them). A chunk
-        that finds the stack short is still decoded exactly; its pops then cost more."""
+        spare (a pop's cost varies from latent to latent, but the spread of a chunk's total grows
+        only as the square root of its latents, inside that spare). A chunk that finds the stack
+        short is still decoded exactly; its pops then cost more."""
         entropy = [math.log2(s * math.sqrt(2 * math.pi * math.e)) for s in self.pop_std]
         return int(self.dims * (entropy[0] + max(entropy[1:]) + 0.5))
 

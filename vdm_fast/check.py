@@ -1,9 +1,9 @@
 """A self-test of every op on this machine's device: ``python -m vdm_fast.check [--device cuda]``.
 
 Builds nothing. Runs each op of ``vdm_fast.ops`` on small fresh random inputs against its
-pure-PyTorch reference, forward and backward, in each dtype the op takes on the device, and
-prints one table: the op, the backend that ran, the largest error against the tolerance, and a
-quick fused/reference timing. Exits with status 1 if any op is off (or fails), 0 otherwise. Run
+pure-PyTorch reference in float64, forward and backward, in each dtype the op takes on the
+device, and prints one table: the op, the implementation that ran (``vdm_fast.backend``), the
+largest error against the tolerance (``vdm_fast.tolerance``), and a quick fused/reference timing. Exits with status 1 if any op is off (or fails), 0 otherwise. Run
 it after ``pip install`` on a new machine or GPU.
 """
 
@@ -13,24 +13,14 @@ import time
 
 import torch
 
-from vdm_fast import _ext, ops
+import vdm_fast
+from vdm_fast import backend, ops
 from vdm_fast import reference as ref
+from vdm_fast.tolerance import RTOL
 
-# Relative tolerances (to the largest magnitude compared) for two correct implementations.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def _backend(op: str, device: torch.device) -> str:
-    if _ext.use_reference():
-        return "reference (VDM_FAST_BACKEND)"
-    if device.type == "cpu":
-        if op in ("group_norm_silu", "attention_block"):
-            return "reference (PyTorch's CPU kernels)"
-        return "C++ (vdm_fast._C)" if _ext.has_cpu_kernels() else "reference (no _C)"
-    both = op in ("reconstruction_loss", "gamma_nnet")
-    if both and _ext.prefer_cuda_cpp():
-        return "CUDA C++ (vdm_fast._C)"
-    return "Triton" if _ext.has_triton() else "reference (no triton)"
+# The op family (vdm_fast.backend's unit of choice) of each op checked.
+FAMILY = {"reconstruction_loss": "loss", "diffuse": "loss", "diffusion_loss": "loss", "prior_loss": "loss",
+          "gamma_nnet": "schedule", "group_norm_silu": "norm", "attention_block": "attention"}
 
 
 def _cases(device: torch.device):
@@ -83,12 +73,15 @@ def _max_rel_error(actual, expected) -> float:
     return max(errors)
 
 
-def _run(fn, inputs):
-    """Forward and backward (a fixed random cotangent per output): outputs and input grads."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+def _run(fn, inputs, dtype=None):
+    """Forward and backward (a fixed random cotangent per output): outputs and input grads;
+    with ``dtype``, on copies of the floating inputs in that dtype."""
+    leaves = [t.detach().clone().to(dtype or t.dtype).requires_grad_(True) if t.is_floating_point()
+              else t.detach().clone() for t in inputs]
     outs = _outputs(fn(*leaves))
     gen = torch.Generator(outs[0].device).manual_seed(1)
-    cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+    cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64).to(o.dtype)
+                  for o in outs]
     grads = torch.autograd.grad(outs, [t for t in leaves if t.requires_grad], cotangents)
     return outs + list(grads)
 
@@ -109,18 +102,19 @@ def _time(fn, inputs, device, reps: int = 5) -> float:
 
 
 def check(device: torch.device, timing: bool = True):
-    """Rows ``(op, dtype, backend, error, tolerance, speed-up, ok)`` for every op and dtype."""
+    """Rows ``(op, dtype, implementation, error, tolerance, speed-up, ok, failure)`` for every op
+    and dtype."""
     rows = []
     for op, dtype, inputs, fused, reference in _cases(device):
-        tol = TOLERANCE[dtype]
+        tol = RTOL[dtype]
         try:
-            error = _max_rel_error(_run(fused, inputs), _run(reference, inputs))
+            error = _max_rel_error(_run(fused, inputs), _run(reference, inputs, torch.float64))
             speedup = _time(reference, inputs, device) / _time(fused, inputs, device) if timing else float("nan")
             failure = ""
         except Exception as err:  # a failing op is a row of the table, not a traceback
             error, speedup, failure = float("inf"), float("nan"), f"{type(err).__name__}: {err}"
-        rows.append((op, str(dtype).removeprefix("torch."), _backend(op, device), error, tol, speedup,
-                     error <= tol, failure))
+        rows.append((op, str(dtype).removeprefix("torch."), backend.describe(FAMILY[op], device, dtype), error, tol,
+                     speedup, error <= tol, failure))
     return rows
 
 
@@ -134,11 +128,13 @@ def main(argv=None):
         raise SystemExit("error: --device cuda but no CUDA GPU is available")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"error: --device must be cpu or cuda, got {args.device}")
-    print(f"vdm_fast self-test on {device} (torch {torch.__version__}, build {_ext.build_info()})")
+    print(f"vdm_fast self-test on {device}: vdm_fast {vdm_fast.__version__} from {vdm_fast.__path__[0]}, "
+          f"torch {torch.__version__}, backend {backend.current()}, build {backend.build_info()}")
     rows = check(device, timing=not args.no_timing)
-    print(f"{'op':<20} {'dtype':<9} {'backend':<34} {'max rel err':>11} {'tolerance':>9} {'ref/fused':>9}  result")
-    for op, dtype, backend, error, tol, speedup, ok, failure in rows:
-        print(f"{op:<20} {dtype:<9} {backend:<34} {error:>11.2e} {tol:>9.0e} {speedup:>8.1f}x  "
+    print(f"{'op':<20} {'dtype':<9} {'implementation':<34} {'max rel err':>11} {'tolerance':>9} {'ref/fused':>9}  "
+          "result")
+    for op, dtype, impl, error, tol, speedup, ok, failure in rows:
+        print(f"{op:<20} {dtype:<9} {impl:<34} {error:>11.2e} {tol:>9.0e} {speedup:>8.1f}x  "
               f"{'ok' if ok else 'FAIL ' + failure}")
     failed = sum(not r[6] for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vdm_fast.config import MODEL_FIELDS, TrainConfig, resolve, to_dict
-from vdm_fast.nn import SCHEDULES, VDM, ScoreUNet
+from vdm_fast.factory import build_model
 
 # Version 2 added the content checksum and the weights-only format; version 1 files are refused.
 FORMAT = "vdm_fast.checkpoint/2"
@@ -30,23 +30,6 @@ _RESUMABLE = {"skipped_steps": int, "optimizer": dict}
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, unsafe, or does not belong to this run."""
-
-
-def build_model(cfg: TrainConfig, image_shape, vocab_size: int, num_classes: int = 0) -> VDM:
-    """The VDM of a config: the official score U-Net on the chosen schedule (with
-    ``num_classes`` labels when ``cfg.conditional``)."""
-    classes = num_classes if cfg.conditional else 0
-    if cfg.conditional and classes < 1:
-        raise ValueError(f"--conditional needs a labelled dataset; {cfg.data} has no labels here")
-    net = ScoreUNet(in_channels=image_shape[0], n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                    dropout=cfg.dropout, attention=cfg.attention, gamma_min=cfg.gamma_min,
-                    gamma_max=cfg.gamma_max, num_classes=classes)
-    variance = cfg.schedule_objective == "variance"
-    schedule = (SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max, pinned=True) if variance
-                else SCHEDULES[cfg.schedule](cfg.gamma_min, cfg.gamma_max))
-    return VDM(net, schedule, image_shape, vocab_size=vocab_size, antithetic=cfg.antithetic,
-               prediction=cfg.prediction, weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
-               num_classes=classes, label_dropout=cfg.label_dropout, schedule_objective=cfg.schedule_objective)
 
 
 def _digest(value, h) -> None:
@@ -166,7 +149,7 @@ def _check_entries(state: dict, entries: dict, path) -> None:
             raise CheckpointError(f"checkpoint {path} lacks a valid {key!r} entry ({kind.__name__} expected)")
 
 
-def check_compatible(state: dict, cfg: TrainConfig, path, image_shape, vocab_size: int) -> None:
+def verify_compatible(state: dict, cfg: TrainConfig, path, image_shape, vocab_size: int) -> None:
     """Refuse to resume a run whose model or data differs from the checkpoint's, or from a
     checkpoint that cannot resume (no optimiser state)."""
     _check_entries(state, _RESUMABLE, path)
@@ -181,7 +164,7 @@ def check_compatible(state: dict, cfg: TrainConfig, path, image_shape, vocab_siz
                                   f"run's data has {name}={ours!r}")
 
 
-def check_weights(expected: dict, weights: dict, path, what: str) -> None:
+def verify_weights(expected: dict, weights: dict, path, what: str) -> None:
     """Refuse by name ``weights`` whose names or shapes differ from ``expected``'s
     (``{name: tensor}``)."""
     missing = sorted(set(expected) - set(weights))
@@ -198,7 +181,7 @@ def check_weights(expected: dict, weights: dict, path, what: str) -> None:
 
 def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> None:
     """``module.load_state_dict(weights)`` with a mismatch refused by name."""
-    check_weights(module.state_dict(), weights, path, what)
+    verify_weights(module.state_dict(), weights, path, what)
     module.load_state_dict(weights)
 
 
@@ -246,5 +229,5 @@ class RunLock:
             self._fd = None
 
 
-__all__ = ["CheckpointError", "RunLock", "build_model", "check_compatible", "check_weights", "digest",
-           "first_non_finite", "load", "load_weights", "model_for_cli", "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict"]
+__all__ = ["CheckpointError", "RunLock", "digest", "first_non_finite", "load", "load_weights", "model_for_cli",
+           "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict", "verify_compatible", "verify_weights"]

@@ -3,11 +3,12 @@
     python -m vdm_fast.compress encode --ckpt CKPT --input images.npy --output out.vdmz [--T 100]
     python -m vdm_fast.compress decode --ckpt CKPT --input out.vdmz --output images.npy
 
-The model is the T-step discrete-time VDM; a file costs about its T-step negative ELBO (what
-``python -m vdm_fast.evaluate --T`` reports) from the first image on: there are no seeded
-initial bits, the first images are coded directly until the stack can lend bits back. The
-coding itself (``vdm_fast.bitsback``) runs the model in float64 on the CPU, on all threads, and
-builds its distributions so that another CPU decodes the file (see that module's notes).
+The model is the T-step discrete-time VDM; a bits-back chunk costs about its T-step negative
+ELBO (what ``python -m vdm_fast.evaluate --T`` reports). There are no seeded initial bits: the
+first images are coded directly, without bits back, until the stack can lend them, so a small
+file costs noticeably more than its bound and a large one approaches it. The coding itself
+(``vdm_fast.bitsback``) runs the model in float64 on the CPU, on all threads, and builds its
+distributions so that another CPU decodes the file (see that module's notes).
 
 Stream (version 3): ``VDMZ``, the version (uint16), the header as LEB128 integers (T, N, C, H,
 W, vocab, max_chunk, grid_bits), 4 bytes of model fingerprint, 4 bytes of image digest, the ANS

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from vdm_fast import backend
 from vdm_fast.nn.schedule import SCHEDULES
-from vdm_fast.nn.vdm import SCHEDULE_OBJECTIVES, WEIGHTINGS
+from vdm_fast.nn.vdm import SCHEDULE_OBJECTIVES
 from vdm_fast.reference.parameterization import PREDICTIONS
+from vdm_fast.reference.weighting import WEIGHTINGS
 
 
 @dataclass
@@ -34,7 +36,8 @@ class TrainConfig:
     gamma_max: Optional[float] = field(default=None, metadata={"help": "initial gamma(1)"})
     T: int = field(default=0, metadata={"help": "diffusion loss: 0 continuous time, else T steps"})
     antithetic: bool = field(default=True, metadata={"help": "antithetic (low-discrepancy) times"})
-    ops: str = field(default="fused", metadata={"help": "fused | reference: the loss ops' backend"})
+    ops: str = field(default="auto", metadata={
+        "help": "auto | reference: the ops' backend (reference: plain PyTorch, for A/B runs)"})
     prediction: str = field(default="eps", metadata={"help": "network target: eps | x | v | score"})
     weighting: str = field(default="elbo", metadata={"help": "training objective: elbo | sigmoid | eps_mse"})
     sigmoid_bias: float = field(default=0.0, metadata={"help": "b of the sigmoid weighting sigmoid(b - lambda)"})
@@ -84,7 +87,7 @@ MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule", "schedule_
                 "conditional")
 
 CHOICES = {"data": tuple(DATASET_DEFAULTS), "attention": ("middle", "all"), "schedule": tuple(SCHEDULES),
-           "schedule_objective": SCHEDULE_OBJECTIVES, "ops": ("fused", "reference"), "prediction": PREDICTIONS,
+           "schedule_objective": SCHEDULE_OBJECTIVES, "ops": backend.BACKENDS, "prediction": PREDICTIONS,
            "weighting": WEIGHTINGS, "device": ("auto", "cpu", "cuda")}
 
 
@@ -200,6 +203,8 @@ def resolve(overrides: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown fields {unknown}; known: {sorted(kinds)}")
     values = {name: _typed(name, kinds[name], value) for name, value in overrides.items()}
+    if values.get("ops") == "fused":  # configs stored before the backends were named (checkpoints): "auto"
+        values["ops"] = "auto"
     data = values.get("data", "digits")
     if data not in CHOICES["data"]:
         raise ValueError(f"data must be one of {CHOICES['data']}, got {data!r}")

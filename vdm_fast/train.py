@@ -15,6 +15,7 @@ weights (a run whose update made them non-finite stops at once, exit status 1), 
 good checkpoint is never replaced by a worse one.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -33,12 +34,14 @@ require("train")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
+from vdm_fast import backend
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import data as datasets
 from vdm_fast.config import TrainConfig, parse_args, to_dict
 from vdm_fast.evaluate import test_bpd
+from vdm_fast.factory import build_model
 from vdm_fast.nn.dropout import global_masks
-from vdm_fast.reference.schedule import antithetic_times
+from vdm_fast.reference.times import antithetic_times
 from vdm_fast.sample import save_grid
 from vdm_fast.seeds import mix as _mix
 
@@ -167,7 +170,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW as the official recipe sets it (betas 0.9, 0.99; no decay on biases). Its fused
     implementation (one kernel over all parameters, on CPU and CUDA) where every parameter is on
-    a device it supports: the per-parameter loop cost ~4 % of a digits step on the CPU (profiled)."""
+    a device it supports: the per-parameter loop launches a few small kernels per tensor, a
+    visible share of a small model's step."""
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
                                                                   torch.float16) for p in model.parameters())
     return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
@@ -210,20 +214,16 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the final metrics."""
     job = Distributed(_device_kind(cfg))
-    previous = os.environ.get("VDM_FAST_BACKEND")
-    if cfg.ops == "reference":
-        os.environ["VDM_FAST_BACKEND"] = "reference"
     lock = None
     try:
         lock = _open_run_folder(cfg, job)
-        return _train(cfg, job)
+        # --ops reference switches every op for this run; "auto" keeps the process's choice
+        # (VDM_FAST_BACKEND).
+        with backend.use("reference") if cfg.ops == "reference" else contextlib.nullcontext():
+            return _train(cfg, job)
     finally:
         if lock is not None:
             lock.release()
-        if previous is None:
-            os.environ.pop("VDM_FAST_BACKEND", None)
-        else:
-            os.environ["VDM_FAST_BACKEND"] = previous
         job.close()
 
 
@@ -253,10 +253,10 @@ def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
     """Load a checkpoint into the model, EMA and optimiser; returns (step, skipped steps)."""
     try:
         state = ckpt.load(ckpt_path)
-        ckpt.check_compatible(state, cfg, ckpt_path, shape, vocab_size)
+        ckpt.verify_compatible(state, cfg, ckpt_path, shape, vocab_size)
         ckpt.load_weights(model, state["model"], ckpt_path, "model")
         params = dict(model.named_parameters())
-        ckpt.check_weights(params, state["ema"], ckpt_path, "EMA")
+        ckpt.verify_weights(params, state["ema"], ckpt_path, "EMA")
         for name, e in zip(params, ema):
             e.copy_(state["ema"][name])
         try:
@@ -315,7 +315,7 @@ class _Run:
         self.shape = self.ds.image_shape
         torch.manual_seed(cfg.seed)
         try:
-            model = ckpt.build_model(cfg, self.shape, self.ds.vocab_size, self.ds.num_classes).to(self.device)
+            model = build_model(cfg, self.shape, self.ds.vocab_size, self.ds.num_classes).to(self.device)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
         if self.device.type == "cuda":
@@ -367,27 +367,40 @@ class _Run:
         return True
 
     def train_step(self):
-        """One optimiser step (skipped when non-finite); returns the bound's terms and the
-        gradient norm."""
+        """One optimiser step (skipped when non-finite); returns the forward's ``VDMOutput``,
+        the objective per example and the gradient norm."""
         cfg, model, step = self.cfg, self.model, self.step
+        variance = cfg.schedule_objective == "variance"
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
+        # The batch and its noise: functions of (seed, step, global index).
         idx = self.sampler.indices(step)
         x = self.ds.train.images[idx].to(self.device)
         labels = self.ds.train.labels[idx].to(self.device) if model.num_classes else None
         t, eps, eps_0, drop_labels = _noise(cfg, step, self.shape, self.job.rank, self.sampler.local)
+        # Forward (through DDP, which all-reduces the gradients in the backward).
         with global_masks(_mix(cfg.seed, step, 2), self.job.rank * self.sampler.local, cfg.batch_size):
-            terms = self.ddp(x, T=cfg.T, t=t, eps=eps.to(self.device), eps_0=eps_0.to(self.device), labels=labels,
-                             drop_labels=drop_labels if model.num_classes else None)
+            out = self.ddp(x, T=cfg.T, t=t, eps=eps.to(self.device), eps_0=eps_0.to(self.device), labels=labels,
+                           drop_labels=drop_labels if model.num_classes else None)
+        objective = model.objective(out)
+        # Backward; the variance objective also needs the objective's gradient at the schedule's
+        # outputs, then replaces the schedule network's gradients with those of the variance
+        # (set outside DDP's backward, so averaged over the processes here).
         self.optimizer.zero_grad(set_to_none=True)
-        terms.objective.mean().backward()
-        if cfg.schedule_objective == "variance":
-            model.variance_gradients_()
+        if variance:
+            out.gamma_t.retain_grad()
+            out.dgamma_dt.retain_grad()
+        objective.mean().backward()
+        if variance:
+            grads = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
+            for p, g in zip(model.schedule.network(), grads):
+                p.grad = g
             self.job.average_gradients(model.schedule.network())
-        # A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere, so
-        # every process takes the same decision from its gradient norm.
+        # Clip. A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere,
+        # so every process takes the same decision from its gradient norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         grad_norm = grad_norm.item()
+        # Step and EMA (or skip the step).
         if math.isfinite(grad_norm):
             self.optimizer.step()
             # A finite gradient can still make non-finite weights (a learning rate of 1e6):
@@ -405,12 +418,13 @@ class _Run:
                 raise NonFiniteLoss(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
                                     f"(step {step}); stopping. {self.last_good()}")
         self.step += 1
-        return terms, grad_norm
+        return out, objective, grad_norm
 
-    def record(self, terms, grad_norm: float, images_per_s: float) -> dict:
-        values = self.job.mean(torch.stack([v.detach().float().mean() for v in terms]).cpu())
-        return {"step": self.step, "bpd": values[3].item(), "objective": values[4].item(),
-                "reconstruction": values[0].item(), "prior": values[1].item(), "diffusion": values[2].item(),
+    def record(self, out, objective, grad_norm: float, images_per_s: float) -> dict:
+        names = ("bpd", "objective", "reconstruction", "prior", "diffusion")
+        per_example = (out.bpd, objective, out.reconstruction, out.prior, out.diffusion)
+        values = self.job.mean(torch.stack([v.detach().float().mean() for v in per_example]).cpu())
+        return {"step": self.step, **{name: v.item() for name, v in zip(names, values)},
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "images_per_s": images_per_s,
                 "skipped_steps": self.skipped}
 
@@ -427,11 +441,11 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
     with StopRequest() as stop, tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not job.main,
                                      dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
-            terms, grad_norm = run.train_step()
+            terms, objective, grad_norm = run.train_step()
             window_images += cfg.batch_size
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                record = run.record(terms, grad_norm, window_images / (time.perf_counter() - window_start))
+                record = run.record(terms, objective, grad_norm, window_images / (time.perf_counter() - window_start))
                 window_start, window_images = time.perf_counter(), 0
                 if job.main:
                     bar.set_postfix(bpd=f"{record['bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")

@@ -9,7 +9,6 @@ its own time input; these adapters do that and unwrap the library's output type.
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 
@@ -58,22 +57,3 @@ def from_denoising_diffusion_pytorch(unet: nn.Module) -> LogSNRUNet:
         raise ValueError("build the Unet with random_or_learned_sinusoidal_cond=True: its default sinusoidal "
                          "embedding expects integer timesteps, not log-SNR")
     return LogSNRUNet(unet)
-
-
-def gamma_and_derivative(schedule_fn, t: Tensor):
-    """``(gamma(t), gamma'(t))`` of any differentiable ``schedule_fn(t) -> gamma`` (e.g. another
-    library's ``lambda t: -log_snr(t)``), by autograd in ``t``. Both stay differentiable in the
-    schedule's parameters (the derivative's graph is kept), so a learned schedule trains through
-    the continuous-time loss; no gradient flows to ``t`` itself. A ``schedule_fn`` that already
-    returns ``(gamma, gamma')``, as vdm_fast's schedules do, is taken at its word."""
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point torch.Tensor, got {type(t).__name__}")
-    with torch.enable_grad():
-        leaf = t.detach().requires_grad_(True)
-        gamma = schedule_fn(leaf)
-        if isinstance(gamma, tuple) and len(gamma) == 2:
-            return gamma  # its own derivative
-        if not isinstance(gamma, Tensor) or gamma.shape != t.shape:
-            raise ValueError(f"schedule_fn(t) must return a tensor of t's shape {tuple(t.shape)}")
-        (dgamma,) = torch.autograd.grad(gamma.sum(), leaf, create_graph=True)
-    return gamma, dgamma

@@ -1,5 +1,5 @@
-"""The U-Net's normalisation and attention blocks, with parameter names that the fused and the
-reference implementations share (so a ``state_dict`` moves between them)."""
+"""The U-Net's normalisation and attention blocks, on ``vdm_fast.ops`` (``vdm_fast.backend``
+chooses the kernels or the reference; the parameters are the same either way)."""
 
 import math
 from typing import Optional
@@ -7,14 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vdm_fast.ops import attention as fused_attention
-from vdm_fast.ops import norm as fused_norm
-from vdm_fast.reference import attention as reference_attention
-from vdm_fast.reference import norm as reference_norm
-
-# Where each block's math comes from: the fused ops (which run their kernels where they exist
-# and the reference elsewhere) or the reference itself, for A/B runs.
-IMPLEMENTATIONS = {"fused": (fused_norm, fused_attention), "reference": (reference_norm, reference_attention)}
+from vdm_fast import ops
 
 
 def lecun_normal_(weight: Tensor) -> Tensor:
@@ -50,10 +43,8 @@ def conv3x3(in_channels: int, out_channels: int, zero: bool = False) -> nn.Conv2
 class GroupNormSiLU(nn.Module):
     """``silu(GroupNorm(x + cond))`` with flax's eps 1e-6; ``silu`` and ``cond`` optional."""
 
-    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6, silu: bool = True,
-                 ops: str = "fused"):
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6, silu: bool = True):
         super().__init__()
-        self.ops = ops
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.eps, self.silu = num_groups, eps, silu
@@ -61,25 +52,22 @@ class GroupNormSiLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        norm = IMPLEMENTATIONS[self.ops][0]
-        return norm.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, cond)
+        return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, cond)
 
 
 class AttnBlock(nn.Module):
     """The official ``AttnBlock``: ``x + proj_out(attention(GroupNorm(x)))`` over ``H * W`` tokens."""
 
-    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32, eps: float = 1e-6,
-                 ops: str = "fused"):
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32, eps: float = 1e-6):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.ops = num_heads, ops
+        self.num_heads = num_heads
         self.norm = GroupNormSiLU(channels, num_groups, eps, silu=False)
         self.qkv = dense(channels, 3 * channels)
         self.proj_out = dense(channels, channels, zero=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        attention = IMPLEMENTATIONS[self.ops][1]
-        return attention.attention_block(x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias,
+        return ops.attention_block(x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias,
                                          self.proj_out.weight, self.proj_out.bias, self.num_heads,
                                          self.norm.num_groups, self.norm.eps)

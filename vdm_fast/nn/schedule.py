@@ -1,4 +1,5 @@
-"""Noise schedules as modules: ``schedule(t) -> (gamma(t), gamma'(t))``, ``t`` of shape ``[B]``.
+"""Noise schedules as modules: ``schedule(t) -> (gamma(t), gamma'(t))``, ``t`` of shape ``[B]``;
+and ``gamma_and_derivative``, the same pair from any other library's ``gamma(t)``.
 
 Each keeps the configured ``gamma_min`` / ``gamma_max`` (its initial endpoints), which the score
 network uses to normalise its time input, as the official code does.
@@ -46,7 +47,7 @@ class MonotoneNetSchedule(FixedLinearSchedule):
 
     ``pinned=True``: the paper's form, ``gamma_0 + (gamma_1 - gamma_0) (g(t) - g(0)) / (g(1) - g(0))``
     with learned endpoints ``gamma_0``, ``gamma_1`` (initialised to ``gamma_min``, ``gamma_max``);
-    then ``variance_gradients_`` turns the network's gradients into those of the variance.
+    then ``variance_gradients`` gives the network's gradients of the variance instead.
     """
 
     # The official mask exempts biases from weight decay; b1, b2 are the DenseMonotone biases,
@@ -76,17 +77,35 @@ class MonotoneNetSchedule(FixedLinearSchedule):
             return ops.gamma_nnet_pinned(t, *self.network(), self.gamma_0, self.gamma_1)
         return ops.gamma_nnet(t, *self.network())
 
-    def variance_gradients_(self, t: Tensor, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor) -> None:
-        """Set the network parameters' ``.grad`` to ``sum_i 2 L_i dL_i/d eta`` (variance
-        minimisation); the endpoints keep the gradient the trainer's VLB backward gave them.
-        See ``vdm_fast.ops.variance_gradients`` for the arguments."""
+    def variance_gradients(self, t: Tensor, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor) -> tuple:
+        """The gradients ``sum_i 2 L_i dL_i/d eta`` (variance minimisation) of the network's
+        parameters, in the order of ``network()``; the caller assigns them (the endpoints keep
+        the gradient the trainer's VLB backward gave them). Nothing is set on the module. See
+        ``vdm_fast.ops.variance_gradients`` for the arguments."""
         if not self.pinned:
             raise ValueError("variance minimisation needs pinned=True: the unpinned network has no "
                              "separate endpoints to keep on the VLB")
-        grads = ops.variance_gradients(t, self.network(), grad_gamma, grad_dgamma, loss,
-                                       endpoints=(self.gamma_0, self.gamma_1))
-        for p, g in zip(self.network(), grads):
-            p.grad = g
+        return tuple(ops.variance_gradients(t, self.network(), grad_gamma, grad_dgamma, loss,
+                                            endpoints=(self.gamma_0, self.gamma_1)))
+
+
+def gamma_and_derivative(schedule_fn, t: Tensor):
+    """``(gamma(t), gamma'(t))`` of any differentiable ``schedule_fn(t) -> gamma`` (e.g. another
+    library's ``lambda t: -log_snr(t)``), by autograd in ``t``. Both stay differentiable in the
+    schedule's parameters (the derivative's graph is kept), so a learned schedule trains through
+    the continuous-time loss; no gradient flows to ``t`` itself. A ``schedule_fn`` that already
+    returns ``(gamma, gamma')``, as vdm_fast's schedules do, is taken at its word."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point torch.Tensor, got {type(t).__name__}")
+    with torch.enable_grad():
+        leaf = t.detach().requires_grad_(True)
+        gamma = schedule_fn(leaf)
+        if isinstance(gamma, tuple) and len(gamma) == 2:
+            return gamma  # its own derivative
+        if not isinstance(gamma, Tensor) or gamma.shape != t.shape:
+            raise ValueError(f"schedule_fn(t) must return a tensor of t's shape {tuple(t.shape)}")
+        (dgamma,) = torch.autograd.grad(gamma.sum(), leaf, create_graph=True)
+    return gamma, dgamma
 
 
 SCHEDULES = {"fixed": FixedLinearSchedule, "scalar": LearnedScalarSchedule, "nnet": MonotoneNetSchedule}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vdm_fast.nn.blocks import IMPLEMENTATIONS, AttnBlock, GroupNormSiLU, conv3x3, dense
+from vdm_fast.nn.blocks import AttnBlock, GroupNormSiLU, conv3x3, dense
 from vdm_fast.nn.dropout import Dropout
 from vdm_fast.reference.features import fourier_features, timestep_embedding
 
@@ -50,16 +50,15 @@ class ScoreUNet(nn.Module):
         fourier_features: concatenate ``sin/cos(2^k 2 pi z)``, ``k = 6, 7``, to the input.
         num_classes: > 0 adds a label embedding (``num_classes + 1`` entries, the last one the
             null class of classifier-free guidance) to the time conditioning.
-        ops: ``"fused"`` (GroupNorm+SiLU and attention on the fused kernels where they run: CUDA)
-            or ``"reference"``; the parameters and ``state_dict`` keys are the same.
+
+    Its GroupNorms and attention run ``vdm_fast.ops`` (fused kernels on CUDA); for an A/B run
+    against the reference, call it inside ``with vdm_fast.backend.use("reference"):``.
     """
 
     def __init__(self, in_channels: int = 3, n_embd: int = 128, n_layer: int = 32, dropout: float = 0.1,
                  attention: str = "middle", gamma_min: float = -13.3, gamma_max: float = 5.0,
-                 fourier_features: bool = True, num_classes: int = 0, ops: str = "fused"):
+                 fourier_features: bool = True, num_classes: int = 0):
         super().__init__()
-        if ops not in IMPLEMENTATIONS:
-            raise ValueError(f"ops must be one of {tuple(IMPLEMENTATIONS)}, got {ops!r}")
         if attention not in ("middle", "all"):
             raise ValueError(f"attention must be 'middle' or 'all', got {attention!r}")
         if n_embd % 32:
@@ -89,16 +88,6 @@ class ScoreUNet(nn.Module):
         self.up_attn = nn.ModuleList(AttnBlock(n_embd) for _ in range(n_layer + 1)) if every else None
         self.norm_out = GroupNormSiLU(n_embd)
         self.conv_out = conv3x3(n_embd, in_channels, zero=True)
-        self.set_ops(ops)
-
-    def set_ops(self, ops: str) -> "ScoreUNet":
-        """Switch every norm and attention block to ``"fused"`` or ``"reference"`` ops."""
-        if ops not in IMPLEMENTATIONS:
-            raise ValueError(f"ops must be one of {tuple(IMPLEMENTATIONS)}, got {ops!r}")
-        for module in self.modules():
-            if isinstance(module, (GroupNormSiLU, AttnBlock)):
-                module.ops = ops
-        return self
 
     def forward(self, z: Tensor, gamma_t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if z.dim() != 4 or z.shape[1] != self.in_channels:

@@ -8,15 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from vdm_fast import ops
-from vdm_fast.nn.adapters import gamma_and_derivative
-from vdm_fast.nn.schedule import FixedLinearSchedule
-from vdm_fast.ops import _checks
-from vdm_fast.reference.loss import (alpha_sigma, ancestral_step, bits_per_dim, decode, diffusion_weight,
-                                     discretize_time, encode)
-from vdm_fast.reference.parameterization import PREDICTIONS, to_eps
-from vdm_fast.reference.schedule import antithetic_times
+from vdm_fast.nn.schedule import FixedLinearSchedule, gamma_and_derivative
+from vdm_fast.ops import _validate
+from vdm_fast.reference.loss import bits_per_dim, decode, encode
+from vdm_fast.reference.parameterization import check_prediction, to_eps
+from vdm_fast.reference.process import alpha_sigma
+from vdm_fast.reference.sampling import ancestral_step
+from vdm_fast.reference.times import antithetic_times, discretize_time
+from vdm_fast.reference.weighting import WEIGHTINGS, diffusion_weight
 
-WEIGHTINGS = ("elbo", "sigmoid", "eps_mse")
 SCHEDULE_OBJECTIVES = ("elbo", "variance")
 
 
@@ -39,14 +39,24 @@ def _scale_grad(x: Tensor, scale: Tensor) -> Tensor:
 
 
 class VDMOutput(NamedTuple):
-    """Per example: the bound's terms in nats and its total in bits per dim, and the training
-    objective in bits per dim (the bound itself under the ``"elbo"`` weighting)."""
+    """What one forward gives, each ``[B]`` (one value per example).
+
+    The bound: its three terms in nats and its total in bits per dim. Then what the explicit
+    objectives (``VDM.objective``, ``VDM.variance_gradients``) need: the times ``t`` the terms
+    were taken at (on the grid ``i / T`` when ``T > 0``), the schedule's ``gamma_t`` and
+    ``dgamma_dt`` there (in the graph: their gradients after a backward are the schedule's share
+    of it), and ``weight``, the weighting's factor on the diffusion term (detached; ones under
+    ``"elbo"``).
+    """
 
     reconstruction: Tensor
     prior: Tensor
     diffusion: Tensor
     bpd: Tensor
-    objective: Tensor
+    t: Tensor
+    gamma_t: Tensor
+    dgamma_dt: Tensor
+    weight: Tensor
 
 
 class VDM(nn.Module):
@@ -69,14 +79,15 @@ class VDM(nn.Module):
             (the "simple" loss). The bound (``bpd``) stays the evaluation metric.
             The weighting trains the score network only: the schedule's gradient is always the
             bound's (see ``forward``), so a weighted objective cannot fit the schedule to itself.
+            ``objective(out)`` is the loss to train on.
         num_classes: > 0 for a class-conditional model (the score net must take labels);
             ``label_dropout`` of the training labels are replaced by the null class
             ``num_classes``, so one network learns both p(x | c) and p(x).
         schedule_objective: ``"elbo"`` (the schedule descends the bound) or ``"variance"``:
             the paper's variance minimisation for an endpoint-pinned ``MonotoneNetSchedule``
-            (continuous time): after ``backward``, ``variance_gradients_()`` replaces the
-            schedule network's gradients with those of the mean squared diffusion loss, while
-            its endpoints keep the bound's gradient.
+            (continuous time): after ``backward``, ``variance_gradients(out, ...)`` gives the
+            schedule network's gradients of the mean squared diffusion loss, to use in place of
+            the bound's, while its endpoints keep the bound's gradient.
         autocast_dtype: run the score network (only) under ``torch.autocast`` in this dtype
             (e.g. ``torch.bfloat16``); the schedule and the loss stay in the model's dtype.
     """
@@ -89,9 +100,8 @@ class VDM(nn.Module):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        _checks.finite_number("vocab_size", vocab_size, positive=True, integer=True)
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        _validate.finite_number("vocab_size", vocab_size, positive=True, integer=True)
+        check_prediction(prediction)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if not 0.0 <= label_dropout < 1.0:
@@ -103,11 +113,25 @@ class VDM(nn.Module):
                              "descend the bound, the network between them the variance")
         self.score_net, self.schedule = score_net, schedule
         self.schedule_objective, self.autocast_dtype = schedule_objective, autocast_dtype
-        self._variance_inputs = None
         self.image_shape = tuple(int(s) for s in image_shape)
         self.vocab_size, self.antithetic = vocab_size, antithetic
         self.prediction, self.weighting, self.sigmoid_bias = prediction, weighting, float(sigmoid_bias)
         self.num_classes, self.label_dropout = int(num_classes), float(label_dropout)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "VDM":
+        """The model a ``python -m vdm_fast.export`` folder holds (``model.safetensors`` and
+        ``config.json``), on the CPU in eval mode. Reads JSON and safetensors only (nothing is
+        unpickled) and checks the weights' SHA-256; a missing, damaged or mismatched file is
+        refused by name (``vdm_fast.export.PretrainedError``). Needs the ``export`` extra
+        (``pip install 'vdm_fast[export]'``). ``vdm_fast.export.load_pretrained`` also gives the
+        config and the folder's details."""
+        from vdm_fast.export import load_pretrained  # the driver's modules: not imported with nn
+
+        model, _, _ = load_pretrained(folder)
+        if not isinstance(model, cls):
+            raise TypeError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     def gamma(self, t: Tensor):
         """``(gamma(t), gamma'(t))`` of the schedule."""
@@ -154,11 +178,20 @@ class VDM(nn.Module):
             return antithetic_times(B, generator=generator, device=device, dtype=self.dtype)
         return torch.rand(B, generator=generator, device=device, dtype=self.dtype)
 
+    def _noise(self, given: Optional[Tensor], like: Tensor, generator) -> Tensor:
+        if given is None:
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return given.to(like.device, like.dtype)
+
+    @property
+    def _dims(self) -> int:
+        return math.prod(self.image_shape)
+
     def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None, *,
                 t: Optional[Tensor] = None, eps: Optional[Tensor] = None,
                 eps_0: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 drop_labels: Optional[Tensor] = None) -> VDMOutput:
-        """One Monte-Carlo estimate of the bound's terms for each image of ``x``.
+        """One Monte-Carlo estimate of the bound's terms for each image of ``x`` (``VDMOutput``).
 
         ``T = 0``: continuous-time diffusion loss; ``T > 0``: the T-step discrete-time loss.
         The times ``t [B]`` and noises ``eps``, ``eps_0`` (shape of ``x``) are drawn from
@@ -167,81 +200,107 @@ class VDM(nn.Module):
         ``drop_labels``: bool ``[B]``, which of them training replaces by the null class (drawn
         with probability ``label_dropout`` unless given).
 
-        Under a weighting other than ``"elbo"`` the objective's value is the weighted loss, and
-        so is the score network's gradient; the schedule's gradient stays the bound's. The
-        network's output gradient is scaled by the per-example weight ``w_i`` and its inputs'
-        gradients (``z_t``, ``gamma_t``) by ``1 / w_i``, which undoes the weight on every path
-        into the schedule: exact for a network that treats examples independently (no batch
-        statistics), as every score network here does.
+        Nothing is kept on the module. A training step::
+
+            out = model(x)
+            model.objective(out).mean().backward()
+
+        and under ``schedule_objective="variance"``, with ``out.gamma_t.retain_grad()`` and
+        ``out.dgamma_dt.retain_grad()`` before that backward, then the network's gradients
+        ``model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)``.
+
+        Under a weighting other than ``"elbo"`` the graph is built so that the bound's gradient
+        trains the score network on the weighted loss and the schedule on the bound (below).
         """
-        _checks.finite_number("T", T, integer=True)
+        _validate.finite_number("T", T, integer=True)
         if T < 0:
             raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
         if self.schedule_objective == "variance" and T:
             raise ValueError("schedule_objective='variance' is defined for the continuous-time loss (T = 0)")
-        _checks.images("x", x, self.vocab_size)
+        _validate.images("x", x, self.vocab_size)
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must be [B, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
         B, device, dtype = x.shape[0], x.device, self.dtype
         f = encode(x, self.vocab_size, dtype)
 
+        # Times (on the T-step grid: t and s = t - 1/T) and one schedule call for every time the
+        # bound needs: t (and s), 0 and 1.
         t = self._times(B, device, generator) if t is None else t.to(device, dtype)
-        times = [t, t.new_zeros(1), t.new_ones(1)]
+        s = None
         if T > 0:
             t, s = discretize_time(t, T)
-            times = [t, s] + times[1:]
-        # One schedule call for every time the bound needs: t (and s), 0 and 1.
-        gamma, dgamma_dt = self.gamma(torch.cat(times))
-        gamma_t, dgamma_dt = gamma[:B], dgamma_dt[:B]
+        times = [t, s] if T else [t]
+        gamma, dgamma = self.gamma(torch.cat([*times, t.new_zeros(1), t.new_ones(1)]))
+        gamma_t, dgamma_dt = gamma[:B], dgamma[:B]
+        gamma_s = gamma[B:2 * B] if T else None
         gamma_0, gamma_1 = gamma[-2], gamma[-1]  # one value for the batch: the ops broadcast it
 
-        def noise(given):
-            if given is None:
-                return torch.randn(f.shape, generator=generator, device=device, dtype=dtype)
-            return given.to(device, dtype)
-
-        eps = noise(eps)
+        # The latent z_t = alpha_t f + sigma_t eps and the network's prediction there.
+        eps = self._noise(eps, f, generator)
         labels = self._labels(labels, B, device, generator, drop_labels)
-        gamma_s = gamma[B:2 * B] if T else None
-        z_t, gamma_in = ops.diffuse(f, eps, gamma_t), gamma_t
+        z_t = ops.diffuse(f, eps, gamma_t)
+        weight = diffusion_weight(self.weighting, gamma_t, dgamma_dt, gamma_s, T, self.sigmoid_bias).detach()
+        z_in, gamma_in = z_t, gamma_t
         weighted = self.weighting != "elbo"
         if weighted:
-            weight = diffusion_weight(self.weighting, gamma_t, dgamma_dt, gamma_s, T, self.sigmoid_bias).detach()
+            # The weighting's gradient routing (the identity on values): the network's inputs'
+            # gradients (z_t, gamma_t) are scaled by 1 / w_i and its output's by w_i. The
+            # network then trains on the weighted loss, and the two scalings cancel on every path
+            # into the schedule, which still descends the bound. Exact for a network that treats
+            # examples independently (no batch statistics), as every score network here does.
             inverse = torch.where(weight > 0, 1.0 / weight, torch.zeros_like(weight))
-            z_t, gamma_in = _scale_grad(z_t, inverse), _scale_grad(gamma_t, inverse)
-        pred = self._net(z_t, gamma_in, labels)
+            z_in, gamma_in = _scale_grad(z_t, inverse), _scale_grad(gamma_t, inverse)
+        pred = self._net(z_in, gamma_in, labels)
         if weighted:
             pred = _scale_grad(pred, weight)
-        # A training forward of a variance model keeps what variance_gradients_ needs.
-        track_variance = self.schedule_objective == "variance" and gamma_t.requires_grad
-        if track_variance:
-            gamma_t.retain_grad()
-            dgamma_dt.retain_grad()
-        terms = ops.vlb_terms(x, eps, pred, noise(eps_0), gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt,
-                              gamma_s=gamma_s, T=T, vocab_size=self.vocab_size, prediction=self.prediction)
-        dims = math.prod(self.image_shape)
-        if track_variance:
-            self._variance_inputs = (t, gamma_t, dgamma_dt, bits_per_dim(terms.diffusion.detach(), dims))
-        objective = terms.bpd
-        if weighted:  # the weighted loss's value, with the routed gradient of the bound's graph
-            weighted_bpd = bits_per_dim(terms.reconstruction + terms.prior + weight * terms.diffusion, dims)
-            objective = objective + (weighted_bpd - objective).detach()
-        return VDMOutput(*terms, objective)
+        eps_0 = self._noise(eps_0, f, generator)  # after the network, whose dropout may share the RNG
 
-    def variance_gradients_(self) -> None:
-        """After ``objective.mean().backward()`` of a ``schedule_objective="variance"`` model:
-        replace the schedule network's gradients with those of ``mean_i L_i^2`` (``L_i``: the
-        example's diffusion loss in bits per dim); the endpoints keep the bound's gradient."""
+        # 1. Reconstruction loss: -log p(x | z_0), with z_0 / alpha_0 = f + exp(gamma_0 / 2) eps_0.
+        reconstruction = ops.reconstruction_loss(x, eps_0, gamma_0, self.vocab_size)
+
+        # 2. Prior (latent) loss: KL(q(z_1 | x) || N(0, I)).
+        prior = ops.prior_loss(f, gamma_1)
+
+        # 3. Diffusion loss: 0.5 gamma'(t) ||eps - eps_hat||^2 in continuous time, or
+        # 0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 with T steps.
+        if T == 0:
+            diffusion = ops.diffusion_loss(eps, pred, dgamma_dt, prediction=self.prediction, x=f, gamma_t=gamma_t)
+        else:
+            diffusion = ops.diffusion_loss_discrete(eps, pred, gamma_t, gamma_s, T, prediction=self.prediction, x=f)
+
+        bpd = bits_per_dim(reconstruction + prior + diffusion, self._dims)
+        return VDMOutput(reconstruction, prior, diffusion, bpd, t, gamma_t, dgamma_dt, weight)
+
+    def objective(self, out: VDMOutput) -> Tensor:
+        """The training objective of a forward's ``out``, per example ``[B]``, in bits per dim.
+
+        Under ``"elbo"``: the bound, ``out.bpd``. Under another weighting: the weighted loss's
+        value (the diffusion term times ``out.weight``) carrying the gradient of the bound's
+        graph, which the forward routed (the network's share weighted, the schedule's the
+        bound's)."""
+        if self.weighting == "elbo":
+            return out.bpd
+        weighted = bits_per_dim(out.reconstruction + out.prior + out.weight * out.diffusion, self._dims)
+        return out.bpd + (weighted - out.bpd).detach()
+
+    def variance_gradients(self, out: VDMOutput, grad_gamma: Tensor, grad_dgamma: Optional[Tensor]) -> tuple:
+        """For a ``schedule_objective="variance"`` model: the schedule network's gradients of
+        ``mean_i L_i^2`` (``L_i``: example i's diffusion loss ``out.diffusion`` in bits per dim),
+        in the order of ``schedule.network()``, for the caller to use in place of the bound's
+        (the endpoints keep the bound's gradient).
+
+        ``grad_gamma``, ``grad_dgamma``: the gradients of ``objective(out).mean()`` at
+        ``out.gamma_t`` and ``out.dgamma_dt`` (e.g. their ``.grad`` after ``retain_grad()`` and
+        the backward); ``grad_dgamma`` may be None (no gradient reached it: zeros). They are those
+        of the batch mean, ``dL_i/dgamma_i / B``, so the result is the gradient of the mean."""
         if self.schedule_objective != "variance":
-            raise RuntimeError("variance_gradients_ needs schedule_objective='variance'")
-        if self._variance_inputs is None or self._variance_inputs[1].grad is None:
-            raise RuntimeError("variance_gradients_ runs after a training forward and its backward")
-        t, gamma_t, dgamma_dt, loss = self._variance_inputs
-        self._variance_inputs = None
-        # The grads are those of the batch mean: dL_i/dgamma_i / B, so the result is the
-        # gradient of mean_i L_i^2.
-        grad_dgamma = dgamma_dt.grad if dgamma_dt.grad is not None else torch.zeros_like(gamma_t.grad)
-        self.schedule.variance_gradients_(t, gamma_t.grad, grad_dgamma, loss)
+            raise RuntimeError("variance_gradients needs schedule_objective='variance'")
+        if grad_gamma is None:
+            raise RuntimeError("variance_gradients runs after a training forward and its backward")
+        if grad_dgamma is None:
+            grad_dgamma = torch.zeros_like(grad_gamma)
+        loss = bits_per_dim(out.diffusion.detach(), self._dims)
+        return self.schedule.variance_gradients(out.t, grad_gamma, grad_dgamma, loss)
 
     @torch.no_grad()
     def bpd(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -269,9 +328,9 @@ class VDM(nn.Module):
 
         A conditional model takes ``labels [n]`` (``num_classes``: unconditional) and a
         classifier-free ``guidance`` scale w >= 0 (0: the plain conditional model)."""
-        _checks.finite_number("n", n, positive=True, integer=True)
-        _checks.finite_number("T", T, positive=True, integer=True)
-        _checks.finite_number("guidance", guidance)
+        _validate.finite_number("n", n, positive=True, integer=True)
+        _validate.finite_number("T", T, positive=True, integer=True)
+        _validate.finite_number("guidance", guidance)
         if self.num_classes and (labels is None or labels.shape != (n,)):
             raise ValueError(f"a class-conditional model samples with labels of shape ({n},)")
         if not self.num_classes and labels is not None:

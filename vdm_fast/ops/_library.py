@@ -1,61 +1,36 @@
-"""How every ``vdm_fast::`` op is registered: ``torch.library`` define/impl, a fake for
-``torch.compile``, and autograd as a lean ``Autograd``-key kernel.
+"""How every ``vdm_fast::`` op is registered, through ``torch.library``'s public API only.
 
-Why not ``@torch.library.custom_op``: in eager mode its per-call checks and Python layers
-(pytorch/pytorch#176592, #139500) cost 30 microseconds a forward+backward on this project's CPU
-machine, a fifth of the fused schedule's whole B=128 step; this registration does the same
-dispatch (the op is one ``OpOverload``, traced opaquely by ``torch.compile`` through its fake,
-differentiable through its autograd kernel, checked by ``torch.library.opcheck``) without them.
-
-Plain eager calls skip even the dispatcher: calling a ``KernelOp`` on ordinary tensors, with no
-trace, no dispatch mode (``make_fx``, fake tensors, ``FlopCounterMode``), no ``torch.func``
-transform (``vmap``, ``grad``) and no tensor subclass about, runs the kernel function, through an
-``autograd.Function`` when a gradient is wanted.
-The two round trips through the dispatcher into Python that this saves (the op and its
-autograd kernel, forward and backward) were ~8 % of the fused schedule's step at B=128 on the
-CPU (benchmarks/RESULTS.md).
-Everything else goes through the registered op, so both paths run the same kernel function.
+An op is defined once, with the schema inferred from its kernels' annotations, and gets one
+kernel per dispatch key, as ``torch.library`` intends and flash-attention's ops do: the C++ CPU
+kernels under ``CPU``, the Triton kernels under ``CUDA`` (``vdm_fast.backend.kernel_devices``
+says where each exists), so no kernel tests the device itself. A fake makes it traceable by
+``torch.compile`` as one node; an autograd formula, whose backward is itself a ``vdm_fast::``
+op, makes it differentiable once (no double backward).
 """
 
 import torch
+
+from vdm_fast import backend
 
 _LIB = torch.library.Library("vdm_fast", "FRAGMENT")
 
 
 class KernelOp:
-    """``vdm_fast::<name>``: call it like the kernel function it was made from."""
+    """``vdm_fast::<name>``, called like its kernels."""
 
-    def __init__(self, name: str, kernel):
-        self.kernel = kernel
-        _LIB.define(name + torch.library.infer_schema(kernel, mutates_args=()))
-        # One Python kernel serves every device: it picks the CPU or CUDA kernels itself.
-        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    def __init__(self, name: str, family: str, cpu=None, triton=None):
+        if cpu is None and triton is None:
+            raise ValueError(f"vdm_fast::{name} needs a kernel")
+        _LIB.define(name + torch.library.infer_schema(cpu or triton, mutates_args=()))
+        for impl, kernel in (("cpp", cpu), ("triton", triton)):
+            if kernel is not None:
+                for key in backend.kernel_devices(family, impl):
+                    _LIB.impl(name, kernel, key)
         self.name = f"vdm_fast::{name}"
         self.overload = getattr(torch.ops.vdm_fast, name).default
-        # Until register_autograd gives it a formula, the op refuses to be differentiated (the
-        # backward ops: no double backward) rather than torch's fallback warning and zeros.
-        self._autograd = self._not_differentiable
-        self._eager_autograd = None  # the autograd.Function of eager calls, once registered
-        _LIB.impl(name, lambda *args: self._autograd(*args), "Autograd")
 
     def __call__(self, *args):
-        if not _plain_eager(args):
-            return self.overload(*args)
-        if _wants_grad(args):
-            if self._eager_autograd is None:
-                self._refuse_grad()
-            return self._eager_autograd(*args)
-        return self.kernel(*args)
-
-    def _refuse_grad(self):
-        raise RuntimeError(f"{self.name} is not differentiable: vdm_fast's ops have first derivatives only "
-                           "(no double backward, create_graph=True through them)")
-
-    def _not_differentiable(self, *args):
-        if _wants_grad(args):
-            self._refuse_grad()
-        with torch._C._AutoDispatchBelowAutograd():
-            return self.overload(*args)
+        return self.overload(*args)
 
     def register_fake(self, fake):
         torch.library.register_fake(self.name, fake, lib=_LIB)
@@ -63,50 +38,27 @@ class KernelOp:
 
     def register_autograd(self, backward, *, setup_context) -> None:
         """``backward(ctx, *grads)`` and ``setup_context(ctx, inputs, output)`` with
-        ``torch.library.register_autograd``'s meaning."""
-        overload, kernel = self.overload, self.kernel
+        ``torch.library.register_autograd``'s meaning. The backward refuses to be differentiated
+        (``create_graph=True``) by name, rather than torch's fallback warning and zero second
+        derivatives."""
+        name = self.name
 
-        def function(run):
-            class Function(torch.autograd.Function):
-                # ctx-style forward calling setup_context itself: a Function with a separate
-                # setup_context binds its arguments through inspect.signature on every call.
-                @staticmethod
-                def forward(ctx, *args):
-                    output = run(*args)
-                    setup_context(ctx, args, output)
-                    return output
+        def first_order_only(ctx, *grads):
+            if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                               for t in (*ctx.saved_tensors, *grads)):
+                raise RuntimeError(f"{name}_backward is not differentiable: vdm_fast's ops have first derivatives "
+                                   "only (no double backward, create_graph=True through them)")
+            return backward(ctx, *grads)
 
-            Function.backward = staticmethod(backward)
-            Function.__name__ = Function.__qualname__ = self.name.replace("::", "_")
-            return Function.apply
-
-        def below_autograd(*args):  # the registered op's call: the device kernel below the autograd key
-            with torch._C._AutoDispatchBelowAutograd():
-                return overload(*args)
-
-        self._autograd = function(below_autograd)
-        self._eager_autograd = function(kernel)
+        torch.library.register_autograd(self.name, first_order_only, setup_context=setup_context, lib=_LIB)
 
 
-def _plain_eager(args) -> bool:
-    """Whether a call may skip the dispatcher: eager, no dispatch mode, no torch.func transform
-    (vmap's batched tensors look like plain ones but hold no storage), only plain tensors."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._functorch.maybe_current_level() is not None):
-        return False
-    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+def kernel_op(name: str, family: str, *, cpu=None, triton=None) -> KernelOp:
+    """Register ``cpu`` (the C++ kernels' caller) and ``triton`` (the Triton kernels' caller),
+    annotated like a ``custom_op``'s function, as ``vdm_fast::<name>`` of op family ``family``."""
+    return KernelOp(name, family, cpu, triton)
 
 
-def _wants_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-def kernel_op(name: str):
-    """Decorator: register a kernel function (annotated like a ``custom_op``'s) as
-    ``vdm_fast::<name>``."""
-
-    def wrap(kernel) -> KernelOp:
-        return KernelOp(name, kernel)
-
-    return wrap
-
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how the compiled kernels are told a dtype."""
+    return str(dtype).removeprefix("torch.")

@@ -5,8 +5,8 @@
 projection is one GEMM, the attention core is ``vdm_fast::flash_attention`` (online softmax,
 log-sum-exp saved, probabilities recomputed in backward; the ``(HW)^2`` matrix never exists),
 and the residual is the ``C`` operand of the output projection's GEMM (``addmm``), so it is
-added in that GEMM's epilogue. CUDA tensors of float32, bfloat16 or float16 take this path;
-everything else runs the reference.
+added in that GEMM's epilogue. Where ``vdm_fast.backend`` says so (CUDA tensors of float32,
+bfloat16 or float16) this path runs; everything else runs the reference.
 """
 
 import functools
@@ -16,18 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vdm_fast import _ext
-from vdm_fast.ops import _checks
+from vdm_fast import backend
+from vdm_fast.ops import _validate
 from vdm_fast.ops._library import kernel_op
 from vdm_fast.ops.norm import _group_norm_silu
 from vdm_fast.reference import attention as ref
 
-_triton = functools.partial(_ext.triton_kernels, "attention")
+_triton = functools.partial(backend.triton_kernels, "attention")
 
 
-@kernel_op("flash_attention")
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _flash_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return _triton().flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+
+
+_flash_attention = kernel_op("flash_attention", "attention", triton=_flash_attention_triton)
 
 
 @_flash_attention.register_fake
@@ -35,11 +37,13 @@ def _(q, k, v, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@kernel_op("flash_attention_backward")
-def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_attention_backward_triton(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _triton().flash_attention_backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
                                               o.contiguous(), lse, scale)
+
+
+_flash_attention_backward = kernel_op("flash_attention_backward", "attention", triton=_flash_attention_backward_triton)
 
 
 @_flash_attention_backward.register_fake
@@ -85,21 +89,21 @@ def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Te
     """``x + proj_out(attention(GroupNorm(x)))`` over the ``H * W`` tokens of NCHW ``x``, the
     official ``AttnBlock``; ``w_qkv [3C, C]``, ``w_out [C, C]`` in ``Linear`` layout, softmax
     scale ``1 / sqrt(C / num_heads)``."""
-    _checks.tensor("x", x, floating=True)
+    _validate.tensor("x", x, floating=True)
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     C = x.shape[1]
-    _checks.positive_int("num_heads", num_heads)
-    _checks.positive_int("num_groups", num_groups)
-    _checks.finite_number("eps", eps, positive=True)
+    _validate.positive_int("num_heads", num_heads)
+    _validate.positive_int("num_groups", num_groups)
+    _validate.finite_number("eps", eps, positive=True)
     if C % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide the channels of x ({C})")
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    _checks.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
+    _validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
                         ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))],
                        "x", x)
-    if x.is_cuda and x.dtype != torch.float64 and _ext.has_triton() and not _ext.use_reference():
+    if backend.implementation("attention", x.device, x.dtype) != "reference":
         return _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads,
                                       num_groups, eps)
     return ref.attention_block(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads, num_groups, eps)

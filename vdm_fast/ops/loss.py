@@ -1,8 +1,8 @@
 """The VDM loss terms as drop-in ops (math: ``vdm_fast.reference.loss``).
 
 Three custom ops carry every per-element pass, each with a C++ CPU kernel (``vdm_fast._C``) and
-Triton CUDA kernels (``vdm_fast.kernels.loss``), a fake for ``torch.compile`` and an autograd
-formula whose backward is one more custom op:
+a Triton kernel (``vdm_fast.kernels.loss``) registered under its dispatch key, a fake for
+``torch.compile`` and an autograd formula whose backward is one more custom op:
 
 - ``vdm_fast::diffuse``: the forward process ``z_t = alpha_t f + sigma_t eps``;
 - ``vdm_fast::sum_squared_error``: ``sum_d (x - a y - c w)^2`` per example (``a``, ``c``: per-
@@ -11,8 +11,9 @@ formula whose backward is one more custom op:
 - ``vdm_fast::reconstruction_loss``: the decoder's log-softmax over the vocabulary computed on
   the fly, forward and backward; the ``[B, D, vocab]`` logits are never materialised.
 
-The public functions validate their inputs, flatten ``[B, ...]`` to ``[B, D]`` and combine the
-ops with the per-example ``[B]`` weights, which cost nothing next to the ``B x D`` passes.
+The public functions validate their inputs, then either run the reference function of the same
+name (``vdm_fast.backend`` decides) or flatten ``[B, ...]`` to ``[B, D]`` and combine the ops
+with the per-example ``[B]`` weights, which cost nothing next to the ``B x D`` passes.
 """
 
 import functools
@@ -22,15 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vdm_fast import _ext
-from vdm_fast.ops import _checks
-from vdm_fast.ops._library import kernel_op
+from vdm_fast import backend
+from vdm_fast.ops import _validate
+from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import loss as ref
 from vdm_fast.reference import parameterization as param
-from vdm_fast.reference.parameterization import PREDICTIONS
 
 # Element dtypes the kernels read x in directly; other dtypes are converted first.
 _X_KERNEL_DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
+
+_C = backend.cpu_kernels
+_triton = functools.partial(backend.triton_kernels, "loss")
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -38,27 +41,33 @@ def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-_name = _ext.dtype_name
+def _fused(device: torch.device) -> bool:
+    return backend.implementation("loss", device) != "reference"
 
 
 def _addr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-_triton = functools.partial(_ext.triton_kernels, "loss")
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 # --- vdm_fast::diffuse ------------------------------------------------------------------------
 
-@kernel_op("diffuse")
-def _diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
-    f, eps, gamma = f.contiguous(), eps.contiguous(), gamma.contiguous()
-    if f.is_cuda:
-        return _triton().diffuse_forward(f, eps, gamma)
+def _diffuse_cpu(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+    f, eps, gamma = _contiguous(f, eps, gamma)
     z = torch.empty_like(f)
-    _ext._C.diffuse_forward_cpu(f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), z.data_ptr(),
-                                *f.shape, _name(f.dtype))
+    _C.diffuse_forward_cpu(f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), z.data_ptr(), *f.shape,
+                           dtype_name(f.dtype))
     return z
+
+
+def _diffuse_triton(f, eps, gamma):
+    return _triton().diffuse_forward(*_contiguous(f, eps, gamma))
+
+
+_diffuse = kernel_op("diffuse", "loss", cpu=_diffuse_cpu, triton=_diffuse_triton)
 
 
 @_diffuse.register_fake
@@ -66,16 +75,19 @@ def _(f, eps, gamma):
     return torch.empty_like(f)
 
 
-@kernel_op("diffuse_backward")
-def _diffuse_backward(grad: Tensor, f: Tensor, eps: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grad, f, eps, gamma = grad.contiguous(), f.contiguous(), eps.contiguous(), gamma.contiguous()
-    if f.is_cuda:
-        return _triton().diffuse_backward(grad, f, eps, gamma)
+def _diffuse_backward_cpu(grad: Tensor, f: Tensor, eps: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad, f, eps, gamma = _contiguous(grad, f, eps, gamma)
     grad_f, grad_eps, grad_gamma = torch.empty_like(f), torch.empty_like(eps), torch.empty_like(gamma)
-    _ext._C.diffuse_backward_cpu(grad.data_ptr(), f.data_ptr(), eps.data_ptr(), gamma.data_ptr(),
-                                 grad_f.data_ptr(), grad_eps.data_ptr(), grad_gamma.data_ptr(),
-                                 *f.shape, _name(f.dtype))
+    _C.diffuse_backward_cpu(grad.data_ptr(), f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), grad_f.data_ptr(),
+                            grad_eps.data_ptr(), grad_gamma.data_ptr(), *f.shape, dtype_name(f.dtype))
     return grad_f, grad_eps, grad_gamma
+
+
+def _diffuse_backward_triton(grad, f, eps, gamma):
+    return _triton().diffuse_backward(*_contiguous(grad, f, eps, gamma))
+
+
+_diffuse_backward = kernel_op("diffuse_backward", "loss", cpu=_diffuse_backward_cpu, triton=_diffuse_backward_triton)
 
 
 @_diffuse_backward.register_fake
@@ -104,21 +116,21 @@ def _cpu_operand(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
-@kernel_op("sum_squared_error")
-def _sse(x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
-         c: Optional[Tensor]) -> Tensor:
+def _sse_cpu(x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
+             c: Optional[Tensor]) -> Tensor:
     dtype = _compute_dtype(x, y, w)
-    if x.is_cuda:
-        return _triton().sse_forward(*_contiguous(x, y, a, w, c)).to(dtype)
     x, y, a, w, c = (_cpu_operand(t, dtype) for t in (x, y, a, w, c))
     out = torch.empty(x.shape[0], dtype=dtype)
-    _ext._C.sse_forward_cpu(x.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), out.data_ptr(), *x.shape,
-                            _name(dtype))
+    _C.sse_forward_cpu(x.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), out.data_ptr(), *x.shape,
+                       dtype_name(dtype))
     return out
+
+
+def _sse_triton(x, y, a, w, c):
+    return _triton().sse_forward(*_contiguous(x, y, a, w, c)).to(_compute_dtype(x, y, w))
+
+
+_sse = kernel_op("sum_squared_error", "loss", cpu=_sse_cpu, triton=_sse_triton)
 
 
 @_sse.register_fake
@@ -126,22 +138,27 @@ def _(x, y, a, w, c):
     return x.new_empty(x.shape[0], dtype=_compute_dtype(x, y, w))
 
 
-@kernel_op("sum_squared_error_backward")
-def _sse_backward(grad: Tensor, x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
-                  c: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _sse_backward_cpu(grad: Tensor, x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
+                      c: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """``d/dx = 2 grad r`` (in ``x``'s dtype; ``d/dy = -a d/dx``, ``d/dw = -c d/dx``) and the
     per-example ``d/da = -sum d/dx y``, ``d/dc = -sum d/dx w`` (zero where absent)."""
     dtype = _compute_dtype(x, y, w)
-    if x.is_cuda:
-        grad_x, grad_a, grad_c = _triton().sse_backward(*_contiguous(grad, x, y, a, w, c))
-        return grad_x, grad_a.to(dtype), grad_c.to(dtype)
     # Named, not inline: a temporary copy would be freed before the kernel reads its address.
     grad, x_in, y, a, w, c = (_cpu_operand(t, dtype) for t in (grad, x, y, a, w, c))
     grad_x = torch.empty_like(x_in)
     grad_a, grad_c = torch.empty_like(grad), torch.empty_like(grad)
-    _ext._C.sse_backward_cpu(grad.data_ptr(), x_in.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c),
-                             grad_x.data_ptr(), grad_a.data_ptr(), grad_c.data_ptr(), *x_in.shape, _name(dtype))
+    _C.sse_backward_cpu(grad.data_ptr(), x_in.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), grad_x.data_ptr(),
+                        grad_a.data_ptr(), grad_c.data_ptr(), *x_in.shape, dtype_name(dtype))
     return grad_x.to(x.dtype), grad_a, grad_c
+
+
+def _sse_backward_triton(grad, x, y, a, w, c):
+    dtype = _compute_dtype(x, y, w)
+    grad_x, grad_a, grad_c = _triton().sse_backward(*_contiguous(grad, x, y, a, w, c))
+    return grad_x, grad_a.to(dtype), grad_c.to(dtype)
+
+
+_sse_backward = kernel_op("sum_squared_error_backward", "loss", cpu=_sse_backward_cpu, triton=_sse_backward_triton)
 
 
 @_sse_backward.register_fake
@@ -175,26 +192,19 @@ _sse.register_autograd(_sse_grad, setup_context=_sse_setup)
 
 # --- vdm_fast::reconstruction_loss --------------------------------------------------------------
 
-def _launch_recon(kind: str, x: Tensor, eps_0: Tensor, gamma_0: Tensor, *buffers: int,
-                  vocab_size: int) -> None:
-    """Run the compiled ``recon_<kind>_<device>`` kernel (CUDA ones on the current stream)."""
-    xtype = getattr(_ext._C.XType, _name(x.dtype))
-    args = (x.data_ptr(), xtype, eps_0.data_ptr(), gamma_0.data_ptr(), *buffers, *eps_0.shape,
-            vocab_size, _name(eps_0.dtype))
-    if eps_0.is_cuda:
-        getattr(_ext._C, f"recon_{kind}_cuda")(*args, _ext.cuda_stream(eps_0))
-    else:
-        getattr(_ext._C, f"recon_{kind}_cpu")(*args)
-
-
-@kernel_op("reconstruction_loss")
-def _reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
-    x, eps_0, gamma_0 = x.contiguous(), eps_0.contiguous(), gamma_0.contiguous()
-    if eps_0.is_cuda and not _ext.prefer_cuda_cpp():
-        return _triton().recon_forward(x, eps_0, gamma_0, vocab_size)
-    out = torch.empty(eps_0.shape[0], dtype=eps_0.dtype, device=eps_0.device)
-    _launch_recon("forward", x, eps_0, gamma_0, out.data_ptr(), vocab_size=vocab_size)
+def _recon_cpu(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
+    x, eps_0, gamma_0 = _contiguous(x, eps_0, gamma_0)
+    out = torch.empty(eps_0.shape[0], dtype=eps_0.dtype)
+    _C.recon_forward_cpu(x.data_ptr(), getattr(_C.XType, dtype_name(x.dtype)), eps_0.data_ptr(), gamma_0.data_ptr(),
+                         out.data_ptr(), *eps_0.shape, vocab_size, dtype_name(eps_0.dtype))
     return out
+
+
+def _recon_triton(x, eps_0, gamma_0, vocab_size):
+    return _triton().recon_forward(*_contiguous(x, eps_0, gamma_0), vocab_size)
+
+
+_reconstruction_loss = kernel_op("reconstruction_loss", "loss", cpu=_recon_cpu, triton=_recon_triton)
 
 
 @_reconstruction_loss.register_fake
@@ -202,17 +212,22 @@ def _(x, eps_0, gamma_0, vocab_size):
     return eps_0.new_empty(eps_0.shape[0])
 
 
-@kernel_op("reconstruction_loss_backward")
-def _reconstruction_loss_backward(grad: Tensor, x: Tensor, eps_0: Tensor, gamma_0: Tensor,
-                                  vocab_size: int) -> tuple[Tensor, Tensor]:
-    grad, x = grad.contiguous(), x.contiguous()
-    eps_0, gamma_0 = eps_0.contiguous(), gamma_0.contiguous()
-    if eps_0.is_cuda and not _ext.prefer_cuda_cpp():
-        return _triton().recon_backward(grad, x, eps_0, gamma_0, vocab_size)
+def _recon_backward_cpu(grad: Tensor, x: Tensor, eps_0: Tensor, gamma_0: Tensor,
+                        vocab_size: int) -> tuple[Tensor, Tensor]:
+    grad, x, eps_0, gamma_0 = _contiguous(grad, x, eps_0, gamma_0)
     grad_eps, grad_gamma = torch.empty_like(eps_0), torch.empty_like(gamma_0)
-    _launch_recon("backward", x, eps_0, gamma_0, grad.data_ptr(), grad_eps.data_ptr(),
-                  grad_gamma.data_ptr(), vocab_size=vocab_size)
+    _C.recon_backward_cpu(x.data_ptr(), getattr(_C.XType, dtype_name(x.dtype)), eps_0.data_ptr(),
+                          gamma_0.data_ptr(), grad.data_ptr(), grad_eps.data_ptr(), grad_gamma.data_ptr(),
+                          *eps_0.shape, vocab_size, dtype_name(eps_0.dtype))
     return grad_eps, grad_gamma
+
+
+def _recon_backward_triton(grad, x, eps_0, gamma_0, vocab_size):
+    return _triton().recon_backward(*_contiguous(grad, x, eps_0, gamma_0), vocab_size)
+
+
+_reconstruction_loss_backward = kernel_op("reconstruction_loss_backward", "loss", cpu=_recon_backward_cpu,
+                                          triton=_recon_backward_triton)
 
 
 @_reconstruction_loss_backward.register_fake
@@ -242,15 +257,15 @@ def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
 
     ``f``, ``eps``: ``[B, ...]``; ``gamma``: ``[B]``. Gradients flow to all three.
     """
-    _checks.tensor("f", f, floating=True)
-    B = _checks.batch("f", f)
-    _checks.tensor("eps", eps, floating=True)
-    _checks.same_shape("eps", eps, "f", f)
-    _checks.same_device("eps", eps, "f", f)
-    gamma = _checks.per_example("gamma", gamma, B, "f", f)
+    _validate.tensor("f", f, floating=True)
+    B = _validate.batch("f", f)
+    _validate.tensor("eps", eps, floating=True)
+    _validate.same_shape("eps", eps, "f", f)
+    _validate.same_device("eps", eps, "f", f)
+    gamma = _validate.per_example("gamma", gamma, B, "f", f)
     dtype = _compute_dtype(f, eps)  # gamma's dtype never changes the output's
     f, eps, gamma = f.to(dtype), eps.to(dtype), gamma.to(dtype)
-    if not _ext.fused_available(f.device):
+    if not _fused(f.device):
         return ref.diffuse(f, eps, gamma)
     return _diffuse(f.reshape(B, -1), eps.reshape(B, -1), gamma).reshape(f.shape)
 
@@ -260,48 +275,42 @@ def _sum_squared_error(x: Tensor, y: Optional[Tensor] = None, a: Optional[Tensor
     """``sum_d (x - a y - c w)^2`` per example (see ``vdm_fast::sum_squared_error``)."""
     B = x.shape[0]
     flat = [None if t is None else t.reshape(B, -1) for t in (x, y, w)]
-    if not _ext.fused_available(x.device):
-        dtype = _compute_dtype(x, y, w)
-        r = flat[0].to(dtype)
-        for t, coef in ((flat[1], a), (flat[2], c)):
-            if t is not None:
-                r = r - (1.0 if coef is None else coef.to(dtype)[:, None]) * t.to(dtype)
-        return r.square().sum(1)
     return _sse(flat[0], flat[1], a, flat[2], c)
 
 
 def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
-    _checks.tensor("eps", eps, floating=True)
-    _checks.tensor("eps_hat", eps_hat, floating=True)
-    B = _checks.batch("eps", eps)
-    _checks.same_shape("eps_hat", eps_hat, "eps", eps)
-    _checks.same_device("eps_hat", eps_hat, "eps", eps)
+    _validate.tensor("eps", eps, floating=True)
+    _validate.tensor("eps_hat", eps_hat, floating=True)
+    B = _validate.batch("eps", eps)
+    _validate.same_shape("eps_hat", eps_hat, "eps", eps)
+    _validate.same_device("eps_hat", eps_hat, "eps", eps)
     return B
+
+
+def _prediction_inputs(eps: Tensor, prediction: str, x: Optional[Tensor], gamma_t: Optional[Tensor]):
+    """``(x, gamma_t)`` of a prediction's loss, checked whenever given (even where this prediction
+    does not use them), ``gamma_t`` as ``[B]`` in the loss's dtype; refuses a missing one."""
+    param.check_prediction(prediction)
+    if gamma_t is not None:
+        gamma_t = _validate.per_example("gamma_t", gamma_t, eps.shape[0], "eps", eps).to(_compute_dtype(eps))
+    if x is not None:
+        _validate.tensor("x", x, floating=True)
+        _validate.same_shape("x", x, "eps", eps)
+        _validate.same_device("x", x, "eps", eps)
+    if prediction != "eps" and gamma_t is None:
+        raise ValueError(f"gamma_t is required for prediction={prediction!r}")
+    if prediction in ("x", "v") and x is None:
+        raise ValueError(f"x (the encoded data) is required for prediction={prediction!r}")
+    return x, gamma_t
 
 
 def _prediction_error(eps: Tensor, pred: Tensor, prediction: str, x: Optional[Tensor],
                       gamma_t: Optional[Tensor]) -> Tensor:
-    """``||eps - eps_hat||^2`` per example for a ``prediction`` of kind eps, x, v or score, as
-    ``s^2 ||target - pred||^2`` with the target a per-example combination of ``eps`` and ``x``
-    (``vdm_fast.reference.parameterization.target_terms``): one fused pass, no conversion."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    B = eps.shape[0]
-    # Checked whenever given, even where this prediction does not use them.
-    if gamma_t is not None:
-        gamma_t = _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
-    if x is not None:
-        _checks.tensor("x", x, floating=True)
-        _checks.same_shape("x", x, "eps", eps)
-        _checks.same_device("x", x, "eps", eps)
+    """``vdm_fast.reference.loss.prediction_error`` as one fused pass: ``s^2 ||target - pred||^2``
+    with the target a per-example combination of ``eps`` and ``x``, no conversion of ``pred``."""
     if prediction == "eps":
         return _sum_squared_error(pred, eps)
-    if gamma_t is None:
-        raise ValueError(f"gamma_t is required for prediction={prediction!r}")
-    if prediction in ("x", "v") and x is None:
-        raise ValueError(f"x (the encoded data) is required for prediction={prediction!r}")
-    dtype = _compute_dtype(eps)
-    a, c, s2 = param.target_terms(prediction, gamma_t.to(dtype))
+    a, c, s2 = param.target_terms(prediction, gamma_t)
     if prediction == "x":  # the target is x itself: no coefficient to carry
         return s2 * _sum_squared_error(pred, x)
     return s2 * _sum_squared_error(pred, eps, a, x if c is not None else None, c)
@@ -318,21 +327,27 @@ def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, predictio
     float64 ``eps``).
     """
     B = _noise_pair(eps, eps_hat)
-    dgamma_dt = _checks.per_example("dgamma_dt", dgamma_dt, B, "eps", eps)
-    error = _prediction_error(eps, eps_hat, prediction, x, gamma_t)
-    return 0.5 * dgamma_dt.to(_compute_dtype(eps)) * error
+    dtype = _compute_dtype(eps)
+    dgamma_dt = _validate.per_example("dgamma_dt", dgamma_dt, B, "eps", eps).to(dtype)
+    x, gamma_t = _prediction_inputs(eps, prediction, x, gamma_t)
+    if not _fused(eps.device):
+        return ref.diffusion_loss(eps.to(dtype), eps_hat, dgamma_dt, prediction=prediction, x=x, gamma_t=gamma_t)
+    return 0.5 * dgamma_dt * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
 
 def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tensor,
                             T: int, *, prediction: str = "eps", x: Optional[Tensor] = None) -> Tensor:
     """T-step diffusion loss ``0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2`` per example
     (``prediction`` and ``x`` as in ``diffusion_loss``)."""
-    _checks.finite_number("T", T, positive=True, integer=True)
+    _validate.finite_number("T", T, positive=True, integer=True)
     B = _noise_pair(eps, eps_hat)
-    gamma_t = _checks.per_example("gamma_t", gamma_t, B, "eps", eps)
-    gamma_s = _checks.per_example("gamma_s", gamma_s, B, "eps", eps)
     dtype = _compute_dtype(eps)
-    weight = 0.5 * T * torch.expm1(gamma_t.to(dtype) - gamma_s.to(dtype))
+    gamma_t = _validate.per_example("gamma_t", gamma_t, B, "eps", eps).to(dtype)
+    gamma_s = _validate.per_example("gamma_s", gamma_s, B, "eps", eps).to(dtype)
+    x, _ = _prediction_inputs(eps, prediction, x, gamma_t)
+    if not _fused(eps.device):
+        return ref.diffusion_loss_discrete(eps.to(dtype), eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=x)
+    weight = 0.5 * T * torch.expm1(gamma_t - gamma_s)
     return weight * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
 
@@ -342,10 +357,13 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     Written as ``0.5 sigmoid(-gamma_1) ||f||^2 + 0.5 D (sigma_1^2 - log sigma_1^2 - 1)``: one
     pass over ``f`` (``log sigmoid`` keeps large ``|gamma_1|`` finite).
     """
-    _checks.tensor("f", f, floating=True)
-    B = _checks.batch("f", f)
-    gamma_1 = _checks.per_example("gamma_1", gamma_1, B, "f", f)
-    g = gamma_1.to(_compute_dtype(f))
+    _validate.tensor("f", f, floating=True)
+    B = _validate.batch("f", f)
+    gamma_1 = _validate.per_example("gamma_1", gamma_1, B, "f", f)
+    dtype = _compute_dtype(f)
+    g = gamma_1.to(dtype)
+    if not _fused(f.device):
+        return ref.prior_loss(f.to(dtype), g)
     dims = f[0].numel()
     return 0.5 * torch.sigmoid(-g) * _sum_squared_error(f) + \
         0.5 * dims * (torch.sigmoid(g) - F.logsigmoid(g) - 1.0)
@@ -358,17 +376,17 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     ``eps_0``: the noise of ``z_0``, shape of ``x``. ``gamma_0``: ``gamma(0)`` per example ``[B]``.
     Gradients flow to ``eps_0`` and ``gamma_0``.
     """
-    _checks.vocab("vocab_size", vocab_size)
-    _checks.tensor("eps_0", eps_0, floating=True)
-    B = _checks.batch("eps_0", eps_0)
-    _checks.images("x", x, vocab_size)
-    _checks.same_shape("x", x, "eps_0", eps_0)
-    _checks.same_device("x", x, "eps_0", eps_0)
-    gamma_0 = _checks.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
+    _validate.vocab("vocab_size", vocab_size)
+    _validate.tensor("eps_0", eps_0, floating=True)
+    B = _validate.batch("eps_0", eps_0)
+    _validate.images("x", x, vocab_size)
+    _validate.same_shape("x", x, "eps_0", eps_0)
+    _validate.same_device("x", x, "eps_0", eps_0)
+    gamma_0 = _validate.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
 
     dtype = _compute_dtype(eps_0)
     eps_0, gamma_0 = eps_0.to(dtype), gamma_0.to(dtype)
-    if not _ext.fused_available(eps_0.device, cuda_cpp=True):
+    if not _fused(eps_0.device):
         return ref.reconstruction_loss(x, eps_0, gamma_0, vocab_size)
     if x.dtype not in _X_KERNEL_DTYPES:
         x = x.to(torch.float32 if x.is_floating_point() else torch.int32)
@@ -379,9 +397,9 @@ def encode(x: Tensor, vocab_size: int = 256, dtype: torch.dtype = torch.float32)
     """Integer images ``[B, ...]`` in ``[0, vocab_size)`` to the model's data space
     ``f = (2 x + 1) / vocab_size - 1``, checked: float images in ``[0, 1]`` are refused with the
     conversion to use (``(img * 255).round()``)."""
-    _checks.vocab("vocab_size", vocab_size)
-    _checks.images("x", x, vocab_size)
-    if dtype not in _checks.FLOATS:
+    _validate.vocab("vocab_size", vocab_size)
+    _validate.images("x", x, vocab_size)
+    if dtype not in _validate.FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     return ref.encode(x, vocab_size, dtype)
 
@@ -406,15 +424,15 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
     ``gamma_0``, ``gamma_1``: ``[B]``. Continuous time (``T = 0``) needs ``dgamma_dt``; ``T``
     steps need ``gamma_s``. ``eps_hat`` may be an x, v or score prediction (``prediction``).
     """
-    _checks.finite_number("T", T, integer=True)
+    _validate.finite_number("T", T, integer=True)
     if T < 0:
         raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
     _noise_pair(eps, eps_hat)
-    _checks.vocab("vocab_size", vocab_size)
+    _validate.vocab("vocab_size", vocab_size)
     # x's values are checked once, by reconstruction_loss below (a host sync each time).
-    _checks.tensor("x", x)
-    _checks.same_shape("x", x, "eps", eps)
-    _checks.same_device("x", x, "eps", eps)
+    _validate.tensor("x", x)
+    _validate.same_shape("x", x, "eps", eps)
+    _validate.same_device("x", x, "eps", eps)
     f = ref.encode(x, vocab_size, _compute_dtype(eps))
     if T == 0:
         if dgamma_dt is None:

@@ -1,8 +1,8 @@
 """GroupNorm (+ swish, + conditioning add) of the U-Net as a fused op (math:
 ``vdm_fast.reference.norm``; kernels: ``kernels/norm.py``).
 
-``vdm_fast::group_norm_silu`` runs the Triton kernels: on CUDA tensors in training, and on CPU
-tensors only under ``TRITON_INTERPRET=1`` (the tests). Elsewhere ``group_norm_silu`` runs the
+``vdm_fast::group_norm_silu`` has Triton kernels only (registered for CUDA, and for CPU tensors
+under ``TRITON_INTERPRET=1``, for the tests); ``vdm_fast.backend`` sends everything else to the
 reference composition, which on the CPU is what PyTorch's own group_norm kernel does anyway.
 """
 
@@ -12,12 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vdm_fast import _ext
-from vdm_fast.ops import _checks
+from vdm_fast import backend
+from vdm_fast.ops import _validate
 from vdm_fast.ops._library import kernel_op
 from vdm_fast.reference import norm as ref
 
-_triton = functools.partial(_ext.triton_kernels, "norm")
+_triton = functools.partial(backend.triton_kernels, "norm")
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -27,12 +27,14 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@kernel_op("group_norm_silu")
-def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
-                     eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _group_norm_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
+                            eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     cond = None if cond is None else cond.contiguous()
     return _triton().group_norm_silu_forward(x.contiguous(memory_format=_memory_format(x)), weight.contiguous(),
                                              bias.contiguous(), cond, num_groups, eps, silu)
+
+
+_group_norm_silu = kernel_op("group_norm_silu", "norm", triton=_group_norm_silu_triton)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -45,10 +47,9 @@ def _(x, weight, bias, cond, num_groups, eps, silu):
     return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
 
 
-@kernel_op("group_norm_silu_backward")
-def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
-                              mean: Tensor, rstd: Tensor, num_groups: int,
-                              silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _group_norm_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
+                                     mean: Tensor, rstd: Tensor, num_groups: int,
+                                     silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dcond)``; ``dcond`` is empty without conditioning."""
     cond = None if cond is None else cond.contiguous()
     layout = _memory_format(x)
@@ -56,6 +57,9 @@ def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
                                                            x.contiguous(memory_format=layout), weight.contiguous(),
                                                            bias.contiguous(), cond, mean, rstd, num_groups, silu)
     return dx, dw, db, dcond if dcond is not None else x.new_empty(0)
+
+
+_group_norm_silu_backward = kernel_op("group_norm_silu_backward", "norm", triton=_group_norm_silu_backward_triton)
 
 
 @_group_norm_silu_backward.register_fake
@@ -86,20 +90,20 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
     """``silu(GroupNorm(x + cond[:, :, None, None]))`` over ``x [B, C, H, W]``, NCHW or channels_last
     (the result keeps the layout; ``silu``, ``cond`` optional),
     statistics in float32 (float64 for float64 input), output in ``x``'s dtype."""
-    _checks.tensor("x", x, floating=True)
+    _validate.tensor("x", x, floating=True)
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
-    _checks.positive_int("num_groups", num_groups)
+    _validate.positive_int("num_groups", num_groups)
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    _checks.finite_number("eps", eps, positive=True)
-    _checks.parameters([("weight", weight, (C,)), ("bias", bias, (C,))], "x", x)
+    _validate.finite_number("eps", eps, positive=True)
+    _validate.parameters([("weight", weight, (C,)), ("bias", bias, (C,))], "x", x)
     if cond is not None:
-        _checks.tensor("cond", cond, floating=True)
+        _validate.tensor("cond", cond, floating=True)
         if cond.shape != (B, C):
             raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
-        _checks.same_device("cond", cond, "x", x)
-    if x.is_cuda and _ext.has_triton() and not _ext.use_reference():
+        _validate.same_device("cond", cond, "x", x)
+    if backend.implementation("norm", x.device, x.dtype) != "reference":
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)

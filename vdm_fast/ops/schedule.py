@@ -12,32 +12,31 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vdm_fast import _ext
-from vdm_fast.ops import _checks
-from vdm_fast.ops._library import kernel_op
+from vdm_fast import backend
+from vdm_fast.ops import _validate
+from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import schedule as ref
 
 PARAMS = ("w1", "b1", "w2", "b2", "w3")
 
-
-_triton = functools.partial(_ext.triton_kernels, "schedule")
-
-
-_name = _ext.dtype_name
+_C = backend.cpu_kernels
+_triton = functools.partial(backend.triton_kernels, "schedule")
 
 
-@kernel_op("gamma_nnet")
-def _gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
+def _gamma_nnet_cpu(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
     t, w1, b1, w2, b2, w3 = (x.contiguous() for x in (t, w1, b1, w2, b2, w3))
-    if t.is_cuda and not _ext.prefer_cuda_cpp():
-        return _triton().nnet_forward(t, w1, b1, w2, b2, w3)
     gamma, dgamma = torch.empty_like(t), torch.empty_like(t)
-    args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], _name(t.dtype)]
-    if t.is_cuda:
-        _ext._C.nnet_forward_cuda(*args, _ext.cuda_stream(t))
-    else:  # the CPU kernel reads t's range as it goes: the check costs nothing there, traced or not
-        _check_range(*_ext._C.nnet_forward_cpu(*args))
+    args = [x.data_ptr() for x in (t, w1, b1, w2, b2, w3, gamma, dgamma)] + [t.shape[0], w2.shape[0], dtype_name(t.dtype)]
+    # The CPU kernel reads t's range as it goes: the check costs nothing there, traced or not.
+    _check_range(*_C.nnet_forward_cpu(*args))
     return gamma, dgamma
+
+
+def _gamma_nnet_triton(t, w1, b1, w2, b2, w3):
+    return _triton().nnet_forward(*(x.contiguous() for x in (t, w1, b1, w2, b2, w3)))
+
+
+_gamma_nnet = kernel_op("gamma_nnet", "schedule", cpu=_gamma_nnet_cpu, triton=_gamma_nnet_triton)
 
 
 @_gamma_nnet.register_fake
@@ -45,20 +44,20 @@ def _(t, w1, b1, w2, b2, w3):
     return torch.empty_like(t), torch.empty_like(t)
 
 
-@kernel_op("gamma_nnet_backward")
-def _gamma_nnet_backward(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-                         grad_gamma: Tensor, grad_dgamma: Tensor) -> list[Tensor]:
+def _gamma_nnet_backward_cpu(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                             grad_gamma: Tensor, grad_dgamma: Tensor) -> list[Tensor]:
     inputs = [x.contiguous() for x in (t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma)]
-    if t.is_cuda and not _ext.prefer_cuda_cpp():
-        return list(_triton().nnet_backward(*inputs))
     grads = [torch.empty_like(x) for x in inputs[:6]]
-    args = [x.data_ptr() for x in inputs + grads] + [t.shape[0], w2.shape[0]]
-    if t.is_cuda:
-        workspace = torch.zeros(_ext._C.nnet_backward_cuda_workspace(*args[-2:]), dtype=torch.uint8, device=t.device)
-        _ext._C.nnet_backward_cuda(*args, workspace.data_ptr(), _name(t.dtype), _ext.cuda_stream(t))
-    else:
-        _ext._C.nnet_backward_cpu(*args, _name(t.dtype))
+    _C.nnet_backward_cpu(*(x.data_ptr() for x in inputs + grads), t.shape[0], w2.shape[0], dtype_name(t.dtype))
     return grads
+
+
+def _gamma_nnet_backward_triton(t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma):
+    return list(_triton().nnet_backward(*(x.contiguous() for x in (t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma))))
+
+
+_gamma_nnet_backward = kernel_op("gamma_nnet_backward", "schedule", cpu=_gamma_nnet_backward_cpu,
+                                 triton=_gamma_nnet_backward_triton)
 
 
 @_gamma_nnet_backward.register_fake
@@ -83,14 +82,14 @@ _gamma_nnet.register_autograd(_backward, setup_context=_setup)
 
 def _like_t(name: str, p, t: Tensor) -> None:
     """A parameter of the schedule: a floating tensor on ``t``'s device, of ``t``'s dtype."""
-    _checks.tensor(name, p, floating=True)
-    _checks.same_device(name, p, "t", t)
+    _validate.tensor(name, p, floating=True)
+    _validate.same_device(name, p, "t", t)
     if p.dtype != t.dtype:
         raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
 
 
 def _check_params(t, w1, b1, w2, b2, w3) -> None:
-    _checks.tensor("t", t, floating=True)
+    _validate.tensor("t", t, floating=True)
     if t.dim() != 1 or t.shape[0] == 0:
         raise ValueError(f"t must be a non-empty 1-d tensor of times [B], got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64):
@@ -120,11 +119,11 @@ def gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Te
     float64. Gradients flow to ``t`` and every parameter from either output.
     """
     _check_params(t, w1, b1, w2, b2, w3)
-    fused = _ext.fused_available(t.device, cuda_cpp=True)
-    # The CPU kernel checks t's range as it runs (``_gamma_nnet``); elsewhere it is read here.
-    if not (fused and t.device.type == "cpu") and _checks.values_readable(t):
+    impl = backend.implementation("schedule", t.device)
+    # The C++ kernel checks t's range as it runs (``_gamma_nnet_cpu``); elsewhere it is read here.
+    if impl != "cpp" and _validate.values_readable(t):
         _check_range(*(v.item() for v in torch.aminmax(t.detach())))
-    if not fused:
+    if impl == "reference":
         return ref.nnet(t, w1, b1, w2, b2, w3)
     return _gamma_nnet(t, w1, b1, w2, b2, w3)
 
@@ -137,7 +136,7 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
     ``g`` runs once, fused, on ``[t, 0, 1]``; the normalisation is ``[B]``-sized arithmetic.
     """
-    _checks.tensor("t", t, floating=True)
+    _validate.tensor("t", t, floating=True)
     for name, p in (("gamma_0", gamma_0), ("gamma_1", gamma_1)):
         _like_t(name, p, t)
         if tuple(p.shape) != (1,):
@@ -163,10 +162,10 @@ def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tenso
     replaces the network parameters' gradients with these: one more fused forward and backward.
     ``t``, ``grad_gamma``, ``grad_dgamma`` and ``loss`` are ``[B]``.
     """
-    _checks.tensor("t", t, floating=True)
-    B = _checks.batch("t", t)
+    _validate.tensor("t", t, floating=True)
+    B = _validate.batch("t", t)
     for name, value in (("grad_gamma", grad_gamma), ("grad_dgamma", grad_dgamma), ("loss", loss)):
-        _checks.per_example(name, value, B, "t", t, broadcast=False)
+        _validate.per_example(name, value, B, "t", t, broadcast=False)
     if not isinstance(params, (tuple, list)) or len(params) != len(PARAMS):
         raise TypeError(f"params must be the network's {len(PARAMS)} parameters {PARAMS}")
     if endpoints is not None and (not isinstance(endpoints, (tuple, list)) or len(endpoints) != 2):

@@ -9,20 +9,23 @@ predictions. Shapes: predictions and ``z`` are ``[B, ...]``, ``gamma`` is ``[B]`
 import torch
 from torch import Tensor
 
-from vdm_fast.reference.loss import _per_example, alpha_sigma
+from vdm_fast.reference.process import alpha_sigma, per_example
 
 PREDICTIONS = ("eps", "x", "v", "score")
 
 
-def _check(kind: str) -> None:
+def check_prediction(kind: str) -> str:
+    """``kind`` if it names a prediction, else a ``ValueError`` naming the choices: the one check
+    of prediction names (the ops, ``VDM`` and the configuration use it)."""
     if kind not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
+    return kind
 
 
 def to_eps(pred: Tensor, z: Tensor, gamma: Tensor, kind: str) -> Tensor:
     """The noise prediction equivalent to ``pred`` (a ``kind`` prediction) at ``(z, gamma)``."""
-    _check(kind)
-    alpha, sigma = alpha_sigma(_per_example(gamma, z))
+    check_prediction(kind)
+    alpha, sigma = alpha_sigma(per_example(gamma, z))
     if kind == "eps":
         return pred
     if kind == "x":
@@ -34,8 +37,8 @@ def to_eps(pred: Tensor, z: Tensor, gamma: Tensor, kind: str) -> Tensor:
 
 def from_eps(eps: Tensor, z: Tensor, gamma: Tensor, kind: str) -> Tensor:
     """The ``kind`` prediction equivalent to the noise prediction ``eps`` at ``(z, gamma)``."""
-    _check(kind)
-    alpha, sigma = alpha_sigma(_per_example(gamma, z))
+    check_prediction(kind)
+    alpha, sigma = alpha_sigma(per_example(gamma, z))
     if kind == "eps":
         return eps
     if kind == "x":
@@ -63,7 +66,7 @@ def target_terms(kind: str, gamma: Tensor):
     score  -1/sigma         -                   sigma^2
     ====== ================ =================== ====================
     """
-    _check(kind)
+    check_prediction(kind)
     alpha, sigma = alpha_sigma(gamma)
     if kind == "eps":
         return torch.ones_like(gamma), None, torch.ones_like(gamma)
@@ -72,16 +75,3 @@ def target_terms(kind: str, gamma: Tensor):
     if kind == "v":
         return alpha, -sigma, alpha**2
     return -1.0 / sigma, None, sigma**2
-
-
-def diffusion_loss(eps: Tensor, pred: Tensor, x: Tensor, gamma: Tensor, dgamma_dt: Tensor, kind: str) -> Tensor:
-    """Continuous-time diffusion loss of a ``kind`` prediction, per example:
-    ``0.5 gamma' s^2 ||target - pred||^2``, equal to ``0.5 gamma' ||eps - eps_hat||^2``.
-    (For ``x``: ``-0.5 SNR'(t) ||x - x_hat||^2``.)"""
-    a, c, s2 = target_terms(kind, gamma)
-    target = torch.zeros_like(eps)
-    if a is not None:
-        target = target + _per_example(a, eps) * eps
-    if c is not None:
-        target = target + _per_example(c, eps) * x
-    return 0.5 * dgamma_dt * s2 * (target - pred.to(eps.dtype)).reshape(eps.shape[0], -1).square().sum(1)

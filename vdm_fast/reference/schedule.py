@@ -46,13 +46,3 @@ def nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor):
         gamma = nnet_gamma(t, w1, b1, w2, b2, w3)
         (dgamma_dt,) = torch.autograd.grad(gamma.sum(), t, create_graph=True)
     return gamma, dgamma_dt
-
-
-def antithetic_times(batch_size: int, generator: torch.Generator = None, device=None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """Low-discrepancy times ``t_i = (u + i / B) mod 1`` with one uniform ``u`` per batch.
-
-    The batch then covers ``[0, 1)`` evenly, which lowers the variance of the diffusion loss.
-    """
-    u = torch.rand((), generator=generator, device=device, dtype=dtype)
-    return torch.remainder(u + torch.arange(batch_size, device=device, dtype=dtype) / batch_size, 1.0)

@@ -1,0 +1,138 @@
+"""Which implementation runs an op: the one place that decides.
+
+Each op family (``loss``, ``schedule``, ``norm``, ``attention``) has up to three implementations:
+
+- ``"reference"``: ``vdm_fast.reference``, plain PyTorch, on any device and dtype;
+- ``"cpp"``: the C++/OpenMP CPU kernels of the compiled module ``vdm_fast._C``;
+- ``"triton"``: the Triton kernels of ``vdm_fast.kernels`` (CUDA).
+
+``implementation(family, device, dtype)`` returns the one that runs. The process-wide choice is
+``VDM_FAST_BACKEND`` (``auto``, the default: the kernels where they exist; ``reference``: the
+reference everywhere), read once, at import; ``use("reference")`` switches it for a block (A/B
+runs), like torch's ``torch.backends`` flags, for the whole process.
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference")
+
+# The compiled module (None where it failed to build or load: the CPU ops then run the reference).
+try:
+    from vdm_fast import _C as cpu_kernels
+except ImportError as _err:  # tests/test_build.py checks this path
+    cpu_kernels = None
+    warnings.warn(
+        f"vdm_fast: the compiled extension vdm_fast._C could not be loaded ({_err}); "
+        "the CPU ops fall back to the pure-PyTorch reference, which is slower.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+# Whether triton is installed, without importing it (slow, and the CPU paths never need it).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Under TRITON_INTERPRET=1 (set before triton is imported) Triton kernels run on CPU tensors:
+# the tests use it to run them on machines without a GPU.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The kernels each family has, per device type; everything else runs the reference. The CPU
+# GroupNorm and attention are the reference's: PyTorch's own CPU kernels are one fused pass.
+KERNELS = {
+    "loss": {"cpu": "cpp", "cuda": "triton"},
+    "schedule": {"cpu": "cpp", "cuda": "triton"},
+    "norm": {"cuda": "triton"},
+    "attention": {"cuda": "triton"},
+}
+# dtypes a family's kernels take, where they do not take every floating dtype.
+KERNEL_DTYPES = {"attention": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _from_environment() -> str:
+    value = os.environ.get("VDM_FAST_BACKEND", "auto")
+    if value not in BACKENDS:
+        raise ValueError(f"VDM_FAST_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+_choice = _from_environment()
+
+
+def current() -> str:
+    """The backend in force: ``"auto"`` or ``"reference"``."""
+    return _choice
+
+
+@contextlib.contextmanager
+def use(backend: str):
+    """Run the block with ``backend`` (``"auto"`` or ``"reference"``) for every op, then restore
+    the previous choice. Process-wide, as ``torch.backends`` flags are."""
+    global _choice
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    previous, _choice = _choice, backend
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
+def _available(impl: str) -> bool:
+    return (impl == "cpp" and cpu_kernels is not None) or (impl == "triton" and HAS_TRITON)
+
+
+def implementation(family: str, device: torch.device, dtype: torch.dtype = None) -> str:
+    """``"reference"``, ``"cpp"`` or ``"triton"``: what runs ``family``'s ops on ``device``."""
+    if _choice == "reference":
+        return "reference"
+    impl = KERNELS[family].get(device.type)
+    if impl is None or not _available(impl):
+        return "reference"
+    if dtype is not None and dtype not in KERNEL_DTYPES.get(family, (dtype,)):
+        return "reference"
+    return impl
+
+
+def kernel_devices(family: str, impl: str) -> tuple:
+    """The dispatch keys ``impl``'s kernels of ``family`` register under (``"CPU"``, ``"CUDA"``):
+    where it exists here, plus the CPU for Triton under ``TRITON_INTERPRET=1`` where the family
+    has no CPU kernel of its own."""
+    if not _available(impl):
+        return ()
+    keys = tuple(d.upper() for d, i in KERNELS[family].items() if i == impl)
+    if impl == "triton" and TRITON_INTERPRETED and "cpu" not in KERNELS[family]:
+        keys += ("CPU",)
+    return keys
+
+
+def describe(family: str, device: torch.device, dtype: torch.dtype = None) -> str:
+    """A reader's name for what runs, and why the reference where it does."""
+    impl = implementation(family, device, dtype)
+    if impl == "cpp":
+        return "C++ (vdm_fast._C)"
+    if impl == "triton":
+        return "Triton"
+    if _choice == "reference":
+        return "reference (backend)"
+    wanted = KERNELS[family].get(device.type)
+    if wanted is None:
+        return f"reference (PyTorch's own {device.type} kernels)"
+    if not _available(wanted):
+        return "reference (no vdm_fast._C)" if wanted == "cpp" else "reference (no triton)"
+    return f"reference ({dtype} not taken)"
+
+
+def triton_kernels(family: str):
+    """``vdm_fast.kernels.<family>``, imported on first use."""
+    return importlib.import_module(f"vdm_fast.kernels.{family}")
+
+
+def build_info() -> dict:
+    """What ``vdm_fast._C`` was built with (``{"extension": False}`` when it is absent)."""
+    if cpu_kernels is None:
+        return {"extension": False}
+    return {"extension": True, **cpu_kernels.build_info()}
