@@ -49,16 +49,17 @@ struct ReconWindow {
 // also drops an inf or NaN there. The relative error of e_k grows like k ulps, 3e-14 at most
 // for 8-bit data.
 template <typename T, typename X, bool kGrad>
-VDM_CLONES void recon_block(const void* x, const T* eps, int64_t i0, int n, T prec, T scale,
+VDM_CLONES void recon_block(const void* x, const T* eps, int64_t i0, int n, double prec, double scale,
                             const ReconWindow& window, int vocab, T* __restrict__ w, T* __restrict__ ux,
                             double* __restrict__ s0, double* __restrict__ s1, double* __restrict__ s2) {
   const T step = T(2) / T(vocab);
   const double dstep = step, dprec = prec, C = 0.5 * dprec * dstep * dstep;
+  const T tscale = static_cast<T>(scale);  // exp(gamma / 2): in T's range wherever z is
   int vstar[kReconBlock];
   double up[kReconBlock], down[kReconBlock], e_up[kReconBlock], e_down[kReconBlock];
   for (int j = 0; j < n; ++j) {
     const int xi = load_x<X>(x, i0 + j, vocab);
-    const T z = grid_value<T>(xi, vocab) + scale * eps[i0 + j];
+    const T z = grid_value<T>(xi, vocab) + tscale * eps[i0 + j];
     vstar[j] = recon_center(z, vocab);
     w[j] = z - grid_value<T>(vstar[j], vocab);
     ux[j] = x_offset<T>(xi, vstar[j], step);
@@ -98,8 +99,10 @@ void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T*
     using X = std::remove_pointer_t<decltype(tag)>;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      const T g = gamma[b];
-      const T prec = std::exp(-g), scale = std::exp(T(0.5) * g);
+      // The per-example constants in double: exp(-gamma) overflows float below gamma = -88,
+      // where the decoder is exact and the loss is 0, not inf * 0.
+      const double g = gamma[b];
+      const double prec = std::exp(-g), scale = std::exp(0.5 * g);
       const ReconWindow window(prec, vocab);
       T w[kReconBlock], ux[kReconBlock];
       double s0[kReconBlock], s1[kReconBlock], s2[kReconBlock];
@@ -113,7 +116,7 @@ void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T*
           for (int j = j0; j < std::min(n, j0 + kLogGroup); ++j) prod *= s0[j];
           acc += std::log(prod);
         }
-        for (int j = 0; j < n; ++j) acc += T(0.5) * prec * ux[j] * (ux[j] - T(2) * w[j]);
+        for (int j = 0; j < n; ++j) acc += 0.5 * prec * double(ux[j]) * (double(ux[j]) - 2.0 * double(w[j]));
       }
       out[b] = static_cast<T>(acc);
     }
@@ -127,8 +130,8 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
     using X = std::remove_pointer_t<decltype(tag)>;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      const T g = gamma[b], go = grad_out[b];
-      const T prec = std::exp(-g), scale = std::exp(T(0.5) * g);
+      const double g = gamma[b], go = grad_out[b];  // in double, as in the forward
+      const double prec = std::exp(-g), scale = std::exp(0.5 * g);
       const ReconWindow window(prec, vocab);
       T w[kReconBlock], ux[kReconBlock];
       double s0[kReconBlock], s1[kReconBlock], s2[kReconBlock];
@@ -139,15 +142,15 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
         recon_block<T, X, true>(x, eps, i0, n, prec, scale, window, vocab, w, ux, s0, s1, s2);
         for (int j = 0; j < n; ++j) {
           // dz = prec (E[u] - u_x), dprec = w (E[u] - u_x) + (u_x^2 - E[u^2]) / 2 (loss.h).
-          const T mean_u = static_cast<T>(s1[j] / s0[j]);
-          const T dz = prec * (mean_u - ux[j]);
-          const T dprec = w[j] * (mean_u - ux[j]) + T(0.5) * (ux[j] * ux[j] - static_cast<T>(s2[j] / s0[j]));
-          grad_eps[i0 + j] = go * dz * scale;
+          const double du = s1[j] / s0[j] - double(ux[j]);
+          const double dz = prec * du;
+          const double dprec = double(w[j]) * du + 0.5 * (double(ux[j]) * double(ux[j]) - s2[j] / s0[j]);
+          grad_eps[i0 + j] = static_cast<T>(go * dz * scale);
           // z = f + exp(g/2) eps and prec = exp(-g): dz/dg = z's noise term / 2, dprec/dg = -prec.
-          acc += T(0.5) * scale * eps[i0 + j] * dz - prec * dprec;
+          acc += 0.5 * scale * double(eps[i0 + j]) * dz - prec * dprec;
         }
       }
-      grad_gamma[b] = go * static_cast<T>(acc);
+      grad_gamma[b] = static_cast<T>(go * acc);
     }
   });
 }

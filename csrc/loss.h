@@ -34,11 +34,13 @@ inline int recon_center(T z, int vocab) {
 // only). A point m steps away from v* lies at least (m - 1/2) steps from z, so its logit is at
 // least 0.5 prec step^2 m (m - 1) below l_{v*}; the window keeps every m with that gap < margin,
 // and m (m - 1) >= r^2 holds for m = ceil(r) + 1.
+// Bounded by the vocabulary whatever prec is: a NaN prec (a NaN gamma) gives the whole
+// vocabulary, so nothing is ever sized from an unbounded or undefined value.
 template <typename T>
 inline int recon_half_width(T prec, int vocab) {
   const T step = T(2) / T(vocab);
   const T r = std::sqrt(T(2) * LogMargin<T>::value / prec) / step;
-  return r >= T(vocab) ? vocab : static_cast<int>(std::ceil(r)) + 1;
+  return !(r < T(vocab)) ? vocab : static_cast<int>(std::ceil(r)) + 1;  // !(<): NaN too
 }
 
 template <typename T>
