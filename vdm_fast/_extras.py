@@ -6,12 +6,22 @@ import importlib.util
 EXTRAS = {
     "train": ("sklearn", "tqdm", "PIL", "yaml"),  # python -m vdm_fast.train / evaluate / sample
     "compress": ("constriction", "tqdm"),  # python -m vdm_fast.compress
+    "export": ("safetensors",),  # python -m vdm_fast.export, VDM.from_pretrained, --ckpt FOLDER
 }
 
 
-def require(extra: str) -> None:
-    """Exit with a one-line message when a module of ``extra`` is not installed."""
+class MissingExtra(ImportError):
+    """A library call (not a command-line entry) needs an extra that is not installed; the
+    message says which ``pip install`` to run."""
+
+
+def require(extra: str, library: bool = False) -> None:
+    """Exit with a one-line message when a module of ``extra`` is not installed (``library``:
+    raise ``MissingExtra`` with that message instead, for a call from Python code)."""
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"error: this part of vdm_fast needs the '{extra}' extra (missing: {', '.join(missing)}); "
-                         f"install it with: pip install 'vdm_fast[{extra}]'")
+        message = (f"this part of vdm_fast needs the '{extra}' extra (missing: {', '.join(missing)}); "
+                   f"install it with: pip install 'vdm_fast[{extra}]'")
+        if library:
+            raise MissingExtra(message)
+        raise SystemExit(f"error: {message}")

@@ -186,7 +186,24 @@ def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> Non
 
 
 def model_from_checkpoint(path, use_ema: bool = True):
-    """``(model, config, state)`` rebuilt from a checkpoint, with its EMA weights by default."""
+    """``(model, config, state)`` rebuilt from a checkpoint, with its EMA weights by default.
+
+    ``path`` may also be a folder that ``python -m vdm_fast.export`` wrote: it holds one set of
+    weights, the ones exported (``use_ema=False`` is refused for an EMA export), and ``state`` is
+    then ``vdm_fast.export.load_pretrained``'s info (``step``, ``config``, ``image_shape``,
+    ``vocab_size``, ``num_classes``, ``weights``, ...), not a training state."""
+    if Path(path).is_dir():
+        from vdm_fast._extras import MissingExtra
+        from vdm_fast.export import load_pretrained  # imports this module: not at the top
+
+        try:
+            model, cfg, info = load_pretrained(path)
+        except MissingExtra as err:
+            raise CheckpointError(f"{path} is a pretrained folder: {err}") from err
+        if not use_ema and info["weights"] == "ema":
+            raise CheckpointError(f"{path} holds only the EMA weights of its run (exported with --weights ema); "
+                                  "the raw model weights are in the run's checkpoint.pt")
+        return model, cfg, info
     state = load(path)
     try:
         cfg = resolve(state["config"])

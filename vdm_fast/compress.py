@@ -278,7 +278,8 @@ def main(argv=None):
     enc.add_argument("--grid-bits", type=int, default=4, help="latent grid: 2^-bits of a step's std")
     dec = sub.add_parser("decode", help="stream -> images.npy (uint8 [N, H, W, C])")
     for p in (enc, dec):
-        p.add_argument("--ckpt", required=True)
+        p.add_argument("--ckpt", required=True,
+                       help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
     args = parser.parse_args(argv)

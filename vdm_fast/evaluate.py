@@ -40,7 +40,8 @@ def test_bpd(model, images: torch.Tensor, batch_size: int, T: int = 0, max_batch
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vdm_fast.evaluate", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="checkpoint.pt of a training run")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
     parser.add_argument("--T", type=int, default=0, help="0: continuous-time bound; else T steps")
     parser.add_argument("--batches", type=int, default=0, help="test batches to use (0: all)")
     parser.add_argument("--data-dir", default=None, help="dataset location, if moved since training")

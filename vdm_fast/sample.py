@@ -34,7 +34,8 @@ def save_grid(images: torch.Tensor, vocab_size: int, path, scale: int = 1) -> No
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vdm_fast.sample", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="checkpoint.pt of a training run")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--T", type=int, default=1000, help="ancestral sampling steps")
     parser.add_argument("--seed", type=int, default=0)
