@@ -243,8 +243,63 @@ def check_gamma_nnet(B, n, dtype, special, data):
         _check_op(f"gamma_nnet {what}", pick(i), pick_ref(i), [t, *params], [0, 1, 2, 3, 4, 5], B, dtype)
 
 
+@given(B=st.integers(1, 6), n=st.integers(1, 20), dtype=dtypes, special=special, data=st.data())
+def check_gamma_nnet_pinned(B, n, dtype, special, data):
+    t = data.draw(tensors((B,), dtype, False, 0, 1)).clamp(0, 1)
+    params = [data.draw(tensors(s, dtype, special, -20, 20)) for s in ((1, 1), (1,), (n, 1), (n,), (1, n))]
+    ends = [data.draw(tensors((1,), dtype, special, lo, hi)) for lo, hi in ((-15, -5), (2, 10))]
+
+    def reference(t, w1, b1, w2, b2, w3, g0, g1, i):
+        g, dg = ref.schedule.nnet(torch.cat([t, t.new_tensor([0.0, 1.0])]), w1, b1, w2, b2, w3)
+        scale = (g1 - g0) / (g[-1] - g[-2])
+        return (g0 + scale * (g[:-2] - g[-2]), scale * dg[:-2])[i]
+
+    for i, what in enumerate(("gamma", "gamma'")):
+        _check_op(f"gamma_nnet_pinned {what}", lambda *a, i=i: ops.gamma_nnet_pinned(*a)[i],
+                  lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype)
+
+
+@given(B=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), hw=st.sampled_from([(1, 1), (3, 5), (4, 4)]),
+       dtype=dtypes, special=special, silu=st.booleans(), cond=st.booleans(), data=st.data())
+def check_group_norm_silu(B, groups, hw, dtype, special, silu, cond, data):
+    C = 4 * groups
+    x = data.draw(tensors((B, C, *hw), dtype, special))
+    w, b = data.draw(tensors((C,), dtype, special)), data.draw(tensors((C,), dtype, special))
+    c = data.draw(tensors((B, C), dtype, special)) if cond else None
+
+    def run(module):
+        return lambda x, w, b, c: module.group_norm_silu(x, w, b, groups, 1e-6, silu, c)
+
+    _check_op("group_norm_silu", run(ops), run(ref.norm), [x, w, b, c], [0, 1, 2] + ([3] if cond else []), B, dtype)
+
+
+@given(B=st.integers(1, 2), heads=st.sampled_from([1, 2]), hw=st.sampled_from([(1, 1), (2, 3), (4, 4)]),
+       dtype=dtypes, special=special, data=st.data())
+def check_attention_block(B, heads, hw, dtype, special, data):
+    C = 8
+    x = data.draw(tensors((B, C, *hw), dtype, special))
+    weights = [data.draw(tensors(s, dtype, special, -1, 1)) for s in ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,))]
+
+    def run(module):
+        return lambda *a: module.attention_block(*a, heads, 4, 1e-6)
+
+    _check_op("attention_block", run(ops), run(ref.attention), [x, *weights], list(range(7)), B, dtype)
+
+
+@given(shape=shapes, vocab=st.sampled_from([2, 17, 256, 65536]),
+       int_dtype=st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64]),
+       data=st.data())
+def check_encode(shape, vocab, int_dtype, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    top = min(vocab, 256 if int_dtype == torch.uint8 else 2**15 if int_dtype == torch.int16 else vocab)
+    x = torch.randint(0, top, shape, generator=gen).to(int_dtype)
+    _count("encode", x)
+    for dtype in DTYPES:
+        assert torch.equal(ops.encode(x, vocab, dtype), ref.loss.encode(x.long(), vocab, dtype)), "encode"
+
+
 CHECKS = [check_diffuse, check_diffusion_loss, check_prior_loss, check_reconstruction_loss, check_vlb_terms,
-          check_gamma_nnet]
+          check_gamma_nnet, check_gamma_nnet_pinned, check_group_norm_silu, check_attention_block, check_encode]
 
 
 def main(argv=None) -> int:
