@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order, noise and initialisation"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast of the score network (only) on CUDA"})
+    dist_timeout: float = field(default=600.0, metadata={
+        "help": "torchrun runs: seconds a collective waits for the other processes (and a signalled stop may "
+                "take) before this process gives up and ends the job"})
     # logging, checkpoints, evaluation
     log_every: int = field(default=10, metadata={"help": "metrics line every N steps"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -181,7 +184,7 @@ _RANGES = {
     "grad_clip": (0.0, None, True, None), "ema": (0.0, 1.0, True, False), "max_bad_steps": (1, None, True, None),
     "seed": (0, 2**63 - 1, True, True), "log_every": (1, None, True, None), "ckpt_every": (1, None, True, None),
     "eval_T": (0, None, True, None), "eval_batches": (0, None, True, None), "sample_n": (0, None, True, None),
-    "sample_T": (1, None, True, None),
+    "sample_T": (1, None, True, None), "dist_timeout": (0.0, None, False, None),
 }
 
 

@@ -16,12 +16,16 @@ good checkpoint is never replaced by a worse one.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -51,15 +55,62 @@ class NonFiniteLoss(RuntimeError):
     non-finite."""
 
 
-class Distributed:
-    """This process's place in a torchrun job (or a job of one)."""
+class JobFailed(SystemExit):
+    """A process of a multi-process job failed, or lost a peer: its message is printed, and the
+    process must exit (status ``code``) without another collective. ``__cause__`` is the error."""
 
-    def __init__(self, device_kind: str):
+
+def _collective_failed(err: BaseException) -> bool:
+    """Whether ``err`` came out of a collective whose peers are gone or stuck (gloo raises a
+    plain RuntimeError naming its source file: "Connection closed by peer", "Timed out")."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and re.search(r"gloo|nccl|connection (closed|reset)|timed out",
+                                                    str(err), re.IGNORECASE) is not None)
+
+
+class Distributed:
+    """This process's place in a torchrun job (or a job of one).
+
+    A failure stays on its rank and ends the job: every collective waits at most ``timeout``
+    seconds (then raises); a rank that fails says so and exits without another collective; a
+    rank whose collective raises (a peer died, failed, or is stuck) says so and exits too. No
+    checkpoint is written after a failure: one is written only after the step's ``all_min``,
+    which every rank reaches only when its step succeeded."""
+
+    def __init__(self, device_kind: str, timeout: float = 600.0):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.timeout = timeout
+        self.failed = False
+        # Where this process is and what is on disk, for the failure messages (set by _train).
+        self.at = "during start-up"
+        self.last_good = lambda: "No checkpoint was written by this run."
         if self.world > 1:
-            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+
+    def fail(self, err: BaseException) -> None:
+        """Report this process's failure (one line on stderr, after the traceback of an
+        unexpected error); from here on SIGINT/SIGTERM are ignored (torchrun's SIGTERM to the
+        survivors must not cut the message or turn the exit status into -15) and ``close``
+        attempts no collective."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        self.failed = True
+        who = f"rank {self.rank}"
+        if isinstance(err, NonFiniteLoss):  # every rank takes this decision at the same step (named)
+            line = f"{who} stopped: error: {err}"
+        elif isinstance(err, SystemExit):  # a one-line error of this rank ("error: ...")
+            line = f"{who} failed {self.at}: {err.code}"
+        elif _collective_failed(err):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            line = (f"{who} stopped {self.at}: another rank failed or stopped responding (a collective raised "
+                    f"{type(err).__name__}: {first}); see that rank's message. {self.last_good()}")
+        else:
+            traceback.print_exception(type(err), err, err.__traceback__)
+            line = f"{who} failed {self.at}: {type(err).__name__}: {err}. {self.last_good()}"
+        print(line, file=sys.stderr, flush=True)
 
     @property
     def main(self) -> bool:
@@ -91,7 +142,8 @@ class Distributed:
             dist.barrier()
 
     def close(self):
-        if self.world > 1:
+        # After a failure the group is broken: tearing it down could wait on a dead peer.
+        if self.world > 1 and not self.failed:
             dist.destroy_process_group()
 
 
@@ -179,11 +231,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
 
-    def __init__(self):
+    In a multi-process job (``grace`` seconds given) the stop needs every rank (the ranks agree
+    on it in a collective), so it cannot always complete: when it has not ``grace`` seconds
+    after the signal (this process or a peer is stuck), ``on_expiry(signum)`` is printed and the
+    process ends at once with status 128 + signum, writing nothing. And when the loop leaves
+    with a failure, SIGINT/SIGTERM stay ignored rather than reset to their defaults, so that
+    the failure is reported and the exit status is the process's own (``Distributed.fail``)."""
+
+    def __init__(self, grace: Optional[float] = None, on_expiry=None):
         self.signum = None
         self._previous = {}
+        self._grace, self._on_expiry, self._timer = grace, on_expiry, None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,10 +252,29 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self._grace is not None and self._timer is None:
+            self._timer = threading.Timer(self._grace, self._expire, args=(signum,))
+            self._timer.daemon = True
+            self._timer.start()
 
-    def __exit__(self, *exc):
+    def _expire(self, signum):
+        if self._on_expiry is not None:
+            print(self._on_expiry(signum), file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._timer is not None:
+            self._timer.cancel()
+        failing = self._grace is not None and exc is not None and not _stopped_together(exc)
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if failing else handler)
+
+
+def _stopped_together(err: BaseException) -> bool:
+    """Whether ``err`` ends the run on every rank alike without a failure: the stop by a signal
+    that all ranks agreed on (``SystemExit(128 + signum)``), or an exit with status 0."""
+    return isinstance(err, SystemExit) and not isinstance(err, JobFailed) and (
+        err.code is None or isinstance(err.code, int))
 
 
 def _device_kind(cfg: TrainConfig) -> str:
@@ -212,8 +291,13 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns the final metrics."""
-    job = Distributed(_device_kind(cfg))
+    """Run (or resume) training as configured; returns the final metrics.
+
+    In a multi-process job, a failure of this process or of a peer prints one line naming the
+    rank, the step and the error (and that the last good checkpoint is untouched), then raises
+    ``JobFailed`` (status 1, the error as its cause); a stop by a signal that every rank agreed
+    on raises ``SystemExit(128 + signum)`` as in a single process."""
+    job = Distributed(_device_kind(cfg), float(cfg.dist_timeout))
     lock = None
     try:
         lock = _open_run_folder(cfg, job)
@@ -221,6 +305,11 @@ def train(cfg: TrainConfig) -> dict:
         # (VDM_FAST_BACKEND).
         with backend.use("reference") if cfg.ops == "reference" else contextlib.nullcontext():
             return _train(cfg, job)
+    except BaseException as err:
+        if job.world == 1 or _stopped_together(err):
+            raise
+        job.fail(err)
+        raise JobFailed(1) from err
     finally:
         if lock is not None:
             lock.release()
@@ -438,9 +527,17 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
     window_start, window_images = time.perf_counter(), 0
     due = False  # a checkpoint is owed (deferred while steps are non-finite)
     run.ddp.train()
-    with StopRequest() as stop, tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not job.main,
-                                     dynamic_ncols=True) as bar:
+    job.last_good = run.last_good
+
+    def stuck(signum):
+        return (f"rank {job.rank}: {signal.Signals(signum).name} {job.at}, and the stop has not completed "
+                f"{job.timeout:g} s later (another rank failed or stopped responding, or this one is stuck); "
+                f"exiting with status {128 + signum} without a checkpoint. {run.last_good()}")
+
+    with StopRequest(job.timeout if job.world > 1 else None, stuck) as stop, \
+            tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not job.main, dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
+            job.at = f"at step {run.step + 1}"
             terms, objective, grad_norm = run.train_step()
             window_images += cfg.batch_size
             bar.update(1)
@@ -465,11 +562,14 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
               file=sys.stderr)
     if metrics:
         metrics.close()
+    job.at = f"after step {run.step}"
+    # The last collective: the other ranks need not wait (under the collective timeout) for the
+    # main process's evaluation and samples, which take as long as they take.
+    job.barrier()
 
     result = {"step": run.step, "skipped_steps": run.skipped}
     if job.main:
         result.update(_final_report(cfg, run.model, run.ema, run.ds, run.device, out))
-    job.barrier()
     return result
 
 
@@ -512,6 +612,13 @@ def main(argv=None):
         train(cfg)
     except NonFiniteLoss as err:
         raise SystemExit(f"error: {err}")
+    except JobFailed as err:
+        # A multi-process job failed here or on a peer, and this process has said so: exit now,
+        # without the interpreter's teardown of the broken process group (which could wait on a
+        # dead peer's collective).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(err.code)
 
 
 if __name__ == "__main__":
