@@ -7,6 +7,8 @@ EXTRAS = {
     "train": ("sklearn", "tqdm", "PIL", "yaml"),  # python -m vdm_fast.train / evaluate / sample
     "compress": ("constriction", "tqdm"),  # python -m vdm_fast.compress
     "export": ("safetensors",),  # python -m vdm_fast.export, VDM.from_pretrained, --ckpt FOLDER
+    "plot": ("matplotlib",),  # curves.png of a training run, python -m vdm_fast.curves (optional)
+    "tensorboard": ("tensorboard",),  # python -m vdm_fast.train --tensorboard
 }
 
 

@@ -6,6 +6,7 @@
     vdm-fast compress encode|decode     (python -m vdm_fast.compress)
     vdm-fast export --ckpt CKPT --out D (python -m vdm_fast.export)
     vdm-fast check [--device cuda]      (python -m vdm_fast.check)
+    vdm-fast curves RUN_DIR             (python -m vdm_fast.curves)
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)``, so its flags
 and its ``--help`` are the module's own. A console script does not put the working directory on
@@ -27,6 +28,7 @@ COMMANDS = {
     "compress": ("vdm_fast.compress", "bits-back lossless compression: encode | decode"),
     "export": ("vdm_fast.export", "write a checkpoint's weights as model.safetensors + config.json"),
     "check": ("vdm_fast.check", "self-test every op on this device against its reference; prints the build"),
+    "curves": ("vdm_fast.curves", "redraw a run folder's learning curves and learned schedule (curves.png)"),
 }
 
 

@@ -63,6 +63,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "metrics line every N steps"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint.pt"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write TensorBoard event files to out_dir/tensorboard (needs the 'tensorboard' extra)"})
     eval_T: int = field(default=0, metadata={"help": "also report test bpd with this many steps (0: no)"})
     eval_batches: int = field(default=0, metadata={"help": "test batches for the final bpd (0: all)"})
     sample_n: int = field(default=64, metadata={"help": "images in the final sample grid (0: none)"})

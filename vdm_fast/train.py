@@ -42,6 +42,7 @@ from vdm_fast import backend
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import data as datasets
 from vdm_fast.config import TrainConfig, parse_args, to_dict
+from vdm_fast.curves import RunPlots
 from vdm_fast.evaluate import test_bpd
 from vdm_fast.factory import build_model
 from vdm_fast.nn.dropout import global_masks
@@ -339,7 +340,8 @@ def _open_run_folder(cfg: TrainConfig, job: Distributed):
 
 
 def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
-    """Load a checkpoint into the model, EMA and optimiser; returns (step, skipped steps)."""
+    """Load a checkpoint into the model, EMA and optimiser; returns (step, skipped steps, its
+    ``time_s``: None in a checkpoint written before the trainer recorded it)."""
     try:
         state = ckpt.load(ckpt_path)
         ckpt.verify_compatible(state, cfg, ckpt_path, shape, vocab_size)
@@ -354,7 +356,8 @@ def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
             raise ckpt.CheckpointError(f"checkpoint {ckpt_path}: its optimiser state does not fit this model ({err})")
     except ckpt.CheckpointError as err:
         raise SystemExit(f"error: cannot resume: {err}")
-    return state["step"], state["skipped_steps"]
+    time_s = state.get("time_s")
+    return state["step"], state["skipped_steps"], float(time_s) if isinstance(time_s, (int, float)) else None
 
 
 class MetricsLog:
@@ -363,6 +366,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: Optional[int]):
         self.path = path
+        self.last_time_s = None  # time_s of the last record kept (a resume from an older checkpoint)
         kept = []
         if resume_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -372,6 +376,8 @@ class MetricsLog:
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
                     kept.append(line + "\n")
+                    if isinstance(record.get("time_s"), (int, float)):
+                        self.last_time_s = float(record["time_s"])
         self.file = open(path, "w")
         self.file.writelines(kept)
         self.file.flush()
@@ -395,6 +401,8 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, job: Distributed):
         self.cfg, self.job = cfg, job
+        # Wall time: time_s = the resumed checkpoint's time_s + the seconds since this start.
+        self.clock, self.time_base = time.perf_counter(), None
         self.device = _device(cfg, job.local_rank)
         self.ckpt_path = Path(cfg.out_dir) / "checkpoint.pt"
         try:
@@ -416,18 +424,23 @@ class _Run:
         self.optimizer = make_optimizer(model, cfg)
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
         if cfg.resume:
-            self.step, self.skipped = _restore(cfg, self.ckpt_path, model, self.ema, self.optimizer, self.shape,
-                                               self.ds.vocab_size)
+            self.step, self.skipped, self.time_base = _restore(cfg, self.ckpt_path, model, self.ema, self.optimizer,
+                                                               self.shape, self.ds.vocab_size)
             if job.main:
                 print(f"resumed {self.ckpt_path} at step {self.step}", file=sys.stderr)
         self.last_saved = self.step if cfg.resume else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if job.world > 1 else model
         self.sampler = BatchSampler(len(self.ds.train.images), cfg.batch_size, cfg.seed, job.rank, job.world)
 
+    def elapsed(self) -> float:
+        """``time_s``: seconds since the run first started, continued from the checkpoint's value
+        on a resume (the time between a stop and its resume does not count)."""
+        return (self.time_base or 0.0) + time.perf_counter() - self.clock
+
     def state_dict(self) -> dict:
         names = [n for n, _ in self.model.named_parameters()]
         return {
-            "config": to_dict(self.cfg), "step": self.step, "skipped_steps": self.skipped,
+            "config": to_dict(self.cfg), "step": self.step, "skipped_steps": self.skipped, "time_s": self.elapsed(),
             "model": self.model.state_dict(), "ema": dict(zip(names, self.ema)),
             "optimizer": self.optimizer.state_dict(), "image_shape": list(self.shape),
             "vocab_size": self.ds.vocab_size, "num_classes": self.model.num_classes,
@@ -513,17 +526,24 @@ class _Run:
         names = ("bpd", "objective", "reconstruction", "prior", "diffusion")
         per_example = (out.bpd, objective, out.reconstruction, out.prior, out.diffusion)
         values = self.job.mean(torch.stack([v.detach().float().mean() for v in per_example]).cpu())
-        return {"step": self.step, **{name: v.item() for name, v in zip(names, values)},
+        return {"step": self.step, "time_s": round(self.elapsed(), 3),
+                **{name: v.item() for name, v in zip(names, values)},
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "images_per_s": images_per_s,
                 "skipped_steps": self.skipped}
 
 
 def _train(cfg: TrainConfig, job: Distributed) -> dict:
+    if cfg.tensorboard:
+        require("tensorboard")  # every rank, before any work: one line naming the extra
     run = _Run(cfg, job)
     out = Path(cfg.out_dir)
     if job.main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     metrics = MetricsLog(out / "metrics.jsonl", run.step if cfg.resume else None) if job.main else None
+    if metrics is not None and cfg.resume and run.time_base is None:  # a checkpoint older than time_s
+        run.time_base = metrics.last_time_s
+    # curves.png and TensorBoard: the main process only.
+    plots = RunPlots(out, cfg.tensorboard, run.step if cfg.resume else None) if job.main else None
     window_start, window_images = time.perf_counter(), 0
     due = False  # a checkpoint is owed (deferred while steps are non-finite)
     run.ddp.train()
@@ -547,15 +567,19 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
                 if job.main:
                     bar.set_postfix(bpd=f"{record['bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                     metrics.write(record)
+                    plots.log(record)
             stop_now = job.all_min(0.0 if stop.signum else 1.0) == 0.0
             due = due or run.step % cfg.ckpt_every == 0 or run.step == cfg.steps or stop_now
             if due and run.save_checkpoint():
                 due = False
+                if plots is not None and run.step < cfg.steps:  # the end's plot follows the final report
+                    plots.checkpoint(run.model, run.ema, run.step)
             if stop_now:
                 bar.close()
                 if job.main:
                     saved = f"checkpoint saved to {run.ckpt_path}" if not due else run.last_good()
                     print(f"\nstopped by signal at step {run.step}; {saved}. Continue with --resume.", file=sys.stderr)
+                    plots.close()
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     if due and job.main:
         print(f"warning: the last step was non-finite, so the final state was not saved. {run.last_good()}",
@@ -569,12 +593,19 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
 
     result = {"step": run.step, "skipped_steps": run.skipped}
     if job.main:
-        result.update(_final_report(cfg, run.model, run.ema, run.ds, run.device, out))
+        result.update(_final_report(cfg, run.model, run.ema, run.ds, run.device, out, step=run.step))
+        curves = plots.final(run.model, result)  # the model now holds the EMA weights
+        plots.close()
+        if curves is not None:
+            print(f"learning curves:                         {curves}  (python -m vdm_fast.curves RUN_DIR redraws)")
+        if cfg.tensorboard:
+            print(f"tensorboard:                             tensorboard --logdir {out / 'tensorboard'}")
     return result
 
 
-def _final_report(cfg, model, ema, ds, device, out: Path) -> dict:
-    """Test bpd with the EMA weights beside the histogram baseline, and a sample grid."""
+def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = None) -> dict:
+    """Test bpd with the EMA weights beside the histogram baseline, and a sample grid;
+    ``result.json`` also records the ``step`` they were taken at."""
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)
@@ -598,7 +629,7 @@ def _final_report(cfg, model, ema, ds, device, out: Path) -> dict:
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
         lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}  "
                      f"(--sample-T; python -m vdm_fast.sample defaults to T=1000)")
-    (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "result.json").write_text(json.dumps(report if step is None else {"step": step, **report}, indent=2) + "\n")
     print("\n".join(lines))
     return report
 
