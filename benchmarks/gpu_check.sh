@@ -47,11 +47,15 @@ cat "$out/device.txt"
 # The card's machine reaches no package index but has torch, triton, pybind11, setuptools and
 # pytest: build against what is there (the C++ CPU kernels; the GPU kernels are Triton's).
 step build 180 build.log bash -c "$py -m pip install -v --no-build-isolation --no-deps . \
-    && $py -c 'import vdm_fast; print(vdm_fast.build_info())'"
+    && $py -P -c 'import vdm_fast; print(vdm_fast.build_info())'"
 # -P: import the installed package (with its compiled _C), not the source tree in the cwd.
 # The users' self-test first: every op on the card against its reference, one table.
 step self-test 60 cuda_tests.txt "$py" -P -m vdm_fast.check --device cuda
 step cuda-tests 180 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
+# The attention kernels' tile variants and SDPA side by side (kernels/attention_tiles.py): its
+# last lines are the DEFAULT entries to write. In bench_unet.md (the U-Net's blocks' log): $OUT
+# takes 8 files.
+step bench_attention_tiles 150 bench_unet.md "$py" benchmarks/bench_attention_tiles.py --budget-s 110
 step bench_schedule 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda
 step bench_loss 150 bench_loss.md "$py" benchmarks/bench_loss.py --device cuda --ref-limit-gb 100
 step bench_unet 150 bench_unet.md "$py" benchmarks/bench_unet.py

@@ -2,14 +2,19 @@
 reconstruction loss is derived in ``csrc/loss.h``, which the C++ CPU kernels share).
 
 Layout: every tensor is a contiguous ``[B, D]`` (``[B]`` per-example values). A launch grid is
-``(B, cdiv(D, BLOCK))``; each program handles one chunk of one example. Per-example sums are
-written as ``[B, n_chunks]`` partials and reduced in a fixed order afterwards, so results are
-deterministic (no float atomics) and nothing the size of the data is written for them.
+1-d, ``B * cdiv(D, BLOCK)`` programs, chunks fastest (no grid axis meets CUDA's 65535 cap on
+axes 1 and 2); each program handles one chunk of one example, and the example's row base
+``b * D`` is int64 (``B * D`` may pass 2^31 elements). Per-example sums are written as
+``[B, n_chunks]`` partials, slot ``b * n_chunks + chunk`` = the program's index, and reduced in
+a fixed order afterwards, so results are deterministic (no float atomics) and nothing the size
+of the data is written for them.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from vdm_fast.kernels import _device
 
 BLOCK = 1024
 # As LogMargin in csrc/loss.h: grid points this many nats below the top logit cannot change the
@@ -18,7 +23,7 @@ LOG_MARGIN = {torch.float32: 25.0, torch.float64: 50.0}
 
 
 def _grid(B: int, D: int):
-    return (B, triton.cdiv(D, BLOCK))
+    return (B * triton.cdiv(D, BLOCK),)
 
 
 def _partials(B: int, D: int, device) -> torch.Tensor:
@@ -28,9 +33,11 @@ def _partials(B: int, D: int, device) -> torch.Tensor:
 
 @triton.jit
 def _chunk(D, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return b, offs, offs < D
+    """``(b, offs, mask)``: this program's example (int64: ``b * D`` may pass 2^31) and chunk."""
+    pid = tl.program_id(0)
+    n_chunks = tl.cdiv(D, BLOCK)
+    offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+    return (pid // n_chunks).to(tl.int64), offs, offs < D
 
 
 # --- diffuse ----------------------------------------------------------------------------------
@@ -50,7 +57,7 @@ def _diffuse_fwd(f_ptr, eps_ptr, gamma_ptr, z_ptr, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _diffuse_bwd(go_ptr, f_ptr, eps_ptr, gamma_ptr, gf_ptr, geps_ptr, part_ptr, D, n_chunks,
+def _diffuse_bwd(go_ptr, f_ptr, eps_ptr, gamma_ptr, gf_ptr, geps_ptr, part_ptr, D,
                  BLOCK: tl.constexpr):
     b, offs, mask = _chunk(D, BLOCK)
     alpha, sigma = _alpha_sigma(tl.load(gamma_ptr + b))
@@ -61,20 +68,22 @@ def _diffuse_bwd(go_ptr, f_ptr, eps_ptr, gamma_ptr, gf_ptr, geps_ptr, part_ptr, 
     tl.store(geps_ptr + b * D + offs, go * sigma, mask=mask)
     # d alpha / d gamma = -alpha sigma^2 / 2, d sigma / d gamma = sigma alpha^2 / 2.
     dg = 0.5 * alpha * sigma * tl.sum((go * (alpha * eps - sigma * f)).to(tl.float64))
-    tl.store(part_ptr + b * n_chunks + tl.program_id(1), dg)
+    tl.store(part_ptr + tl.program_id(0), dg)
 
 
 def diffuse_forward(f, eps, gamma):
     B, D = f.shape
     z = torch.empty_like(f)
-    _diffuse_fwd[_grid(B, D)](f, eps, gamma, z, D, BLOCK=BLOCK)
+    with _device.guard(f):
+        _diffuse_fwd[_grid(B, D)](f, eps, gamma, z, D, BLOCK=BLOCK)
     return z
 
 
 def diffuse_backward(grad, f, eps, gamma):
     B, D = f.shape
     grad_f, grad_eps, part = torch.empty_like(f), torch.empty_like(eps), _partials(B, D, f.device)
-    _diffuse_bwd[_grid(B, D)](grad, f, eps, gamma, grad_f, grad_eps, part, D, part.shape[1], BLOCK=BLOCK)
+    with _device.guard(grad):
+        _diffuse_bwd[_grid(B, D)](grad, f, eps, gamma, grad_f, grad_eps, part, D, BLOCK=BLOCK)
     return grad_f, grad_eps, part.sum(1).to(gamma.dtype)
 
 
@@ -107,16 +116,16 @@ def _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y: tl.con
 
 
 @triton.jit
-def _sse_fwd(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr,
+def _sse_fwd(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, part_ptr, D, HAS_Y: tl.constexpr,
              HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr,
              BLOCK: tl.constexpr):
     b, offs, mask = _chunk(D, BLOCK)
     r, y, w = _residual(x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, b, offs, mask, D, HAS_Y, HAS_A, HAS_W, HAS_C, ACC)
-    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum((r * r).to(tl.float64)))
+    tl.store(part_ptr + tl.program_id(0), tl.sum((r * r).to(tl.float64)))
 
 
 @triton.jit
-def _sse_bwd(go_ptr, x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, gx_ptr, part_ptr, D, n_chunks, HAS_Y: tl.constexpr,
+def _sse_bwd(go_ptr, x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, gx_ptr, part_ptr, D, HAS_Y: tl.constexpr,
              HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, ACC: tl.constexpr,
              BLOCK: tl.constexpr):
     b, offs, mask = _chunk(D, BLOCK)
@@ -124,9 +133,9 @@ def _sse_bwd(go_ptr, x_ptr, y_ptr, a_ptr, w_ptr, c_ptr, gx_ptr, part_ptr, D, n_c
     gx = 2.0 * tl.load(go_ptr + b).to(ACC) * r
     tl.store(gx_ptr + b * D + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     # Partial sums for the coefficients' gradients: -sum grad_x y and -sum grad_x w.
-    chunk = b * n_chunks + tl.program_id(1)
+    chunk = tl.program_id(0)  # b * n_chunks + the chunk
     tl.store(part_ptr + chunk, -tl.sum((gx * y).to(tl.float64)))
-    tl.store(part_ptr + tl.num_programs(0) * n_chunks + chunk, -tl.sum((gx * w).to(tl.float64)))
+    tl.store(part_ptr + tl.num_programs(0) + chunk, -tl.sum((gx * w).to(tl.float64)))
 
 
 def _acc(*tensors):
@@ -144,7 +153,8 @@ def sse_forward(x, y=None, a=None, w=None, c=None):
     B, D = x.shape
     part = _partials(B, D, x.device)
     ptrs, flags = _sse_args(x, y, a, w, c)
-    _sse_fwd[_grid(B, D)](x, *ptrs, part, D, part.shape[1], BLOCK=BLOCK, **flags)
+    with _device.guard(x):
+        _sse_fwd[_grid(B, D)](x, *ptrs, part, D, BLOCK=BLOCK, **flags)
     return part.sum(1)
 
 
@@ -155,9 +165,10 @@ def sse_backward(grad, x, y=None, a=None, w=None, c=None):
     n_chunks = triton.cdiv(D, BLOCK)
     part = torch.empty((2, B, n_chunks), device=x.device, dtype=torch.float64)
     ptrs, flags = _sse_args(x, y, a, w, c)
-    _sse_bwd[_grid(B, D)](grad, x, *ptrs, grad_x, part, D, n_chunks, BLOCK=BLOCK, **flags)
-    sums = part.sum(2)  # float64; the op casts to its compute dtype
-    return grad_x, sums[0], sums[1]
+    with _device.guard(grad):
+        _sse_bwd[_grid(B, D)](grad, x, *ptrs, grad_x, part, D, BLOCK=BLOCK, **flags)
+    grad_a, grad_c = part.sum(2).unbind(0)  # float64; the op casts to its compute dtype
+    return grad_x, grad_a, grad_c
 
 
 # --- reconstruction loss ---------------------------------------------------------------------
@@ -205,17 +216,17 @@ def _recon_sums(prec, step, vstar, w, n_win, base, vocab, WANT_GRAD: tl.constexp
 
 
 @triton.jit
-def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, n_chunks, vocab, log_margin,
+def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, vocab, log_margin,
                BLOCK: tl.constexpr):
     b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
     s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, False)
     loss = tl.log(s0).to(w.dtype) + 0.5 * prec * ux * (ux - 2.0 * w)
-    tl.store(part_ptr + b * n_chunks + tl.program_id(1), tl.sum(tl.where(mask, loss, 0.0).to(tl.float64)))
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0).to(tl.float64)))
 
 
 @triton.jit
-def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, n_chunks, vocab,
+def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, vocab,
                log_margin, BLOCK: tl.constexpr):
     b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
@@ -226,20 +237,22 @@ def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, n_chunk
     go = tl.load(go_ptr + b)
     tl.store(geps_ptr + b * D + offs, go * dz * scale, mask=mask)
     dg = tl.where(mask, 0.5 * scale * eps * dz - prec * dprec, 0.0)
-    tl.store(part_ptr + b * n_chunks + tl.program_id(1), go.to(tl.float64) * tl.sum(dg.to(tl.float64)))
+    tl.store(part_ptr + tl.program_id(0), go.to(tl.float64) * tl.sum(dg.to(tl.float64)))
 
 
 def recon_forward(x, eps, gamma, vocab_size):
     B, D = eps.shape
     part = _partials(B, D, eps.device)
-    _recon_fwd[_grid(B, D)](x, eps, gamma, part, D, part.shape[1], vocab_size, LOG_MARGIN[eps.dtype],
-                            BLOCK=BLOCK)
+    with _device.guard(x):
+        _recon_fwd[_grid(B, D)](x, eps, gamma, part, D, vocab_size, LOG_MARGIN[eps.dtype],
+                                BLOCK=BLOCK)
     return part.sum(1).to(eps.dtype)
 
 
 def recon_backward(grad, x, eps, gamma, vocab_size):
     B, D = eps.shape
     grad_eps, part = torch.empty_like(eps), _partials(B, D, eps.device)
-    _recon_bwd[_grid(B, D)](grad, x, eps, gamma, grad_eps, part, D, part.shape[1], vocab_size,
-                            LOG_MARGIN[eps.dtype], BLOCK=BLOCK)
+    with _device.guard(grad):
+        _recon_bwd[_grid(B, D)](grad, x, eps, gamma, grad_eps, part, D, vocab_size,
+                                LOG_MARGIN[eps.dtype], BLOCK=BLOCK)
     return grad_eps, part.sum(1).to(gamma.dtype)

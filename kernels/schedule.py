@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vdm_fast.kernels import _device
+
 BLOCK_B = 32
 BLOCK_N = 128
 BLOCK_SUM = 1024
@@ -142,8 +144,9 @@ def _nnet_bwd_finish(t_ptr, w1_ptr, w2_ptr, w3_ptr, gg_ptr, gd_ptr, acc_ptr, par
 def nnet_forward(t, w1, b1, w2, b2, w3):
     B, n = t.shape[0], w2.shape[0]
     gamma, dgamma = torch.empty_like(t), torch.empty_like(t)
-    _nnet_fwd[(triton.cdiv(B, BLOCK_B),)](t, w1, b1, w2, b2, w3, gamma, dgamma, B, n,
-                                          BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
+    with _device.guard(t):
+        _nnet_fwd[(triton.cdiv(B, BLOCK_B),)](t, w1, b1, w2, b2, w3, gamma, dgamma, B, n,
+                                              BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
     return gamma, dgamma
 
 
@@ -157,9 +160,10 @@ def nnet_backward(t, w1, b1, w2, b2, w3, grad_gamma, grad_dgamma):
     acc = torch.empty((3, n_i, n), device=t.device, dtype=t.dtype)
     part = torch.empty((2, n_j, B), device=t.device, dtype=t.dtype)
     # 8 warps: with 4, ptxas spills the float64 tile (compile_triton.py); float32 fits either way.
-    _nnet_bwd[(n_j, n_i)](t, w2, b2, w3, grad_gamma, grad_dgamma, acc, part, B, n, tiles_per_program,
-                          BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, num_warps=8)
     grads = [torch.empty_like(x) for x in (t, w1, b1, w2, b2, w3)]
-    _nnet_bwd_finish[(n_j + tiles + 1,)](t, w1, w2, w3, grad_gamma, grad_dgamma, acc, part, *grads, B, n, n_i, n_j,
-                                         BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_SUM=BLOCK_SUM)
+    with _device.guard(t):
+        _nnet_bwd[(n_j, n_i)](t, w2, b2, w3, grad_gamma, grad_dgamma, acc, part, B, n, tiles_per_program,
+                              BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, num_warps=8)
+        _nnet_bwd_finish[(n_j + tiles + 1,)](t, w1, w2, w3, grad_gamma, grad_dgamma, acc, part, *grads, B, n, n_i, n_j,
+                                             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_SUM=BLOCK_SUM)
     return tuple(grads)

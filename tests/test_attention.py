@@ -105,7 +105,8 @@ def test_attention_block_rejects():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("heads, d", [(1, 128), (2, 64), (4, 64), (8, 32), (1, 256)])
+# (1, 512): past the kernels' head dims, the block's attention core is SDPA (kernels/attention_tiles.py).
+@pytest.mark.parametrize("heads, d", [(1, 128), (2, 64), (4, 64), (8, 32), (1, 256), (1, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_attention_block_matches_reference(heads, d, dtype):
     """On the card the products run on the tensor cores in the input dtype (bf16) or in full

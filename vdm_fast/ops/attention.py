@@ -6,7 +6,9 @@ projection is one GEMM, the attention core is ``vdm_fast::flash_attention`` (onl
 log-sum-exp saved, probabilities recomputed in backward; the ``(HW)^2`` matrix never exists),
 and the residual is the ``C`` operand of the output projection's GEMM (``addmm``), so it is
 added in that GEMM's epilogue. Where ``vdm_fast.backend`` says so (CUDA tensors of float32,
-bfloat16 or float16) this path runs; everything else runs the reference.
+bfloat16 or float16) this path runs; everything else runs the reference. Head dims the kernels
+cannot hold in registers (``kernels/attention_tiles.py``: per dtype, and for float32 per torch's
+TF32 setting) take ``torch.nn.functional.scaled_dot_product_attention`` as the attention core.
 """
 
 import functools
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vdm_fast import backend
+from vdm_fast.kernels import attention_tiles
 from vdm_fast.ops import _validate
 from vdm_fast.ops._library import kernel_op
 from vdm_fast.ops.norm import _group_norm_silu
@@ -76,7 +79,10 @@ def _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out
         return t.reshape(B, N, num_heads, d).transpose(1, 2).reshape(B * num_heads, N, d)
 
     q, k, v = (heads(t) for t in qkv.chunk(3, dim=-1))
-    a = _flash_attention(q, k, v, 1.0 / math.sqrt(d))[0]
+    if attention_tiles.supported(q.dtype, d):
+        a = _flash_attention(q, k, v, 1.0 / math.sqrt(d))[0]
+    else:  # a head dim the kernels would spill on (kernels/attention_tiles.py): torch's fused attention
+        a = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))
     a = a.reshape(B, num_heads, N, d).transpose(1, 2).reshape(B * N, C)
     residual = x.flatten(2).transpose(1, 2).reshape(B * N, C) + b_out
     out = torch.addmm(residual, a, w_out.t())  # the residual is addmm's C operand: the epilogue adds it

@@ -144,10 +144,12 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     if t.dim() != 1:
         raise ValueError(f"t must be a 1-d tensor of times [B], got shape {tuple(t.shape)}")
     B = t.shape[0]
-    g, dg = gamma_nnet(torch.cat([t, t.new_tensor([0.0, 1.0])]), w1, b1, w2, b2, w3)
-    g_t, g_0, g_1 = g[:B], g[B], g[B + 1]
+    # The endpoints are made on t's device (new_tensor would copy them from the host, which a
+    # CUDA graph cannot capture), and split off as views (tests/test_gpu_ready.py).
+    g, dg = gamma_nnet(torch.cat([t, t.new_zeros(1), t.new_ones(1)]), w1, b1, w2, b2, w3)
+    g_t, g_0, g_1 = g.split([B, 1, 1])
     scale = (gamma_1 - gamma_0) / (g_1 - g_0)
-    return gamma_0 + scale * (g_t - g_0), scale * dg[:B]
+    return gamma_0 + scale * (g_t - g_0), scale * dg.narrow(0, 0, B)
 
 
 def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor,
