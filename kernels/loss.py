@@ -178,7 +178,11 @@ def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.cons
     """Loads one chunk and finds each element's window (see recon_center and recon_half_width in csrc/loss.h)."""
     b, offs, mask = _chunk(D, BLOCK)
     g = tl.load(gamma_ptr + b)
-    prec, scale = tl.exp(-g), tl.exp(0.5 * g)
+    # The per-example constants in float64, and with them the arithmetic below (as in
+    # csrc/loss.cpp): exp(-gamma) overflows float32 below gamma = -88, where the decoder is exact
+    # and the loss 0, not inf * 0.
+    g64 = g.to(tl.float64)
+    prec, scale = tl.exp(-g64), tl.exp(0.5 * g64)
     step = 2.0 / vocab
     # x not an integer in [0, vocab) (unchecked inside torch.compile) makes u_x, and so the
     # example's loss and gradients, NaN (load_x in csrc/loss.h). NaN fails every comparison.
@@ -186,12 +190,12 @@ def _recon_setup(x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK: tl.cons
     x_ok = (xf >= 0) & (xf < vocab) & (xf == tl.floor(xf))
     x = tl.where(x_ok, xf, 0.0).to(tl.int32)
     eps = tl.load(eps_ptr + b * D + offs, mask=mask, other=0.0)
-    z = (2 * x + 1).to(g.dtype) / vocab - 1.0 + scale * eps
+    z = (2 * x + 1).to(g.dtype) / vocab - 1.0 + scale.to(g.dtype) * eps
     vf = tl.floor(((z + 1.0) * vocab - 1.0) * 0.5 + 0.5)
     vstar = tl.where(vf >= 0, tl.where(vf > vocab - 1, vocab - 1, vf), 0).to(tl.int32)
     w = z - ((2 * vstar + 1).to(g.dtype) / vocab - 1.0)
     r = tl.sqrt(2.0 * log_margin / prec) / step
-    half = tl.where(r >= vocab, vocab, tl.ceil(r) + 1).to(tl.int32)
+    half = tl.where(r < vocab, tl.ceil(r) + 1, vocab).to(tl.int32)  # a NaN r (NaN gamma): all of it
     # The window [vstar - half, vstar + half], or the whole vocabulary when that is smaller.
     n_win = tl.minimum(2 * half + 1, vocab)
     base = tl.where(2 * half + 1 >= vocab, 0, vstar - half)
@@ -221,8 +225,9 @@ def _recon_fwd(x_ptr, eps_ptr, gamma_ptr, part_ptr, D, vocab, log_margin,
     b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
     s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, False)
-    loss = tl.log(s0).to(w.dtype) + 0.5 * prec * ux * (ux - 2.0 * w)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0).to(tl.float64)))
+    ux, w = ux.to(tl.float64), w.to(tl.float64)
+    loss = tl.log(s0) + 0.5 * prec * ux * (ux - 2.0 * w)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0)))
 
 
 @triton.jit
@@ -231,13 +236,14 @@ def _recon_bwd(go_ptr, x_ptr, eps_ptr, gamma_ptr, geps_ptr, part_ptr, D, vocab,
     b, offs, mask, prec, scale, step, ux, eps, vstar, w, n_win, base = _recon_setup(
         x_ptr, eps_ptr, gamma_ptr, D, vocab, log_margin, BLOCK)
     s0, s1, s2 = _recon_sums(prec, step, vstar, w, n_win, base, vocab, True)
-    mean_u = (s1 / s0).to(w.dtype)
-    dz = prec * (mean_u - ux)
-    dprec = w * (mean_u - ux) + 0.5 * (ux * ux - (s2 / s0).to(w.dtype))
-    go = tl.load(go_ptr + b)
-    tl.store(geps_ptr + b * D + offs, go * dz * scale, mask=mask)
-    dg = tl.where(mask, 0.5 * scale * eps * dz - prec * dprec, 0.0)
-    tl.store(part_ptr + tl.program_id(0), go.to(tl.float64) * tl.sum(dg.to(tl.float64)))
+    ux, w = ux.to(tl.float64), w.to(tl.float64)
+    du = s1 / s0 - ux
+    dz = prec * du
+    dprec = w * du + 0.5 * (ux * ux - s2 / s0)
+    go = tl.load(go_ptr + b).to(tl.float64)
+    tl.store(geps_ptr + b * D + offs, (go * dz * scale).to(eps.dtype), mask=mask)
+    dg = tl.where(mask, 0.5 * scale * eps.to(tl.float64) * dz - prec * dprec, 0.0)
+    tl.store(part_ptr + tl.program_id(0), go * tl.sum(dg))
 
 
 def recon_forward(x, eps, gamma, vocab_size):

@@ -254,6 +254,14 @@ def check_gamma_nnet_pinned(B, n, dtype, special, data):
         scale = (g1 - g0) / (g[-1] - g[-2])
         return (g0 + scale * (g[:-2] - g[-2]), scale * dg[:-2])[i]
 
+    g_ends = ops.gamma_nnet(t.new_tensor([0.0, 1.0]), *params)[0]
+    if bool(g_ends[0] == g_ends[1]) and bool(torch.isfinite(g_ends[0])):  # constant: refused by name
+        try:
+            ops.gamma_nnet_pinned(t, *params, *ends)
+        except ValueError as err:
+            assert "constant" in str(err), err
+            return
+        raise AssertionError("gamma_nnet_pinned took a constant network")
     for i, what in enumerate(("gamma", "gamma'")):
         _check_op(f"gamma_nnet_pinned {what}", lambda *a, i=i: ops.gamma_nnet_pinned(*a)[i],
                   lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype)

@@ -103,3 +103,39 @@ def test_extreme_gamma_0_in_float32_gives_the_float64_answer(gamma_0):
     for got, want in zip(results[torch.float32], truth):
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-30
+
+
+def test_the_triton_reconstruction_kernels_take_the_same_extremes():
+    """The Triton kernels (interpreted here) keep the per-example constants in float64 too, and a
+    NaN gamma makes only its own example NaN."""
+    kernels = pytest.importorskip("vdm_fast.kernels.loss", reason="triton is not installed")
+    x = torch.randint(0, 256, (4, 150), dtype=torch.uint8)
+    eps = torch.randn(4, 150, dtype=torch.float64)
+    gamma = torch.tensor([-100.0, -88.0, 20.0, -5.0], dtype=torch.float64)
+    go = torch.randn(4, dtype=torch.float64)
+    truth = (kernels.recon_forward(x, eps, gamma, 256), *kernels.recon_backward(go, x, eps, gamma, 256))
+    expected = ref.reconstruction_loss(x, eps, gamma)
+    assert torch.allclose(truth[0], expected, rtol=1e-9, atol=1e-9)
+    e32, g32, go32 = eps.float(), gamma.float(), go.float()
+    got = (kernels.recon_forward(x, e32, g32, 256), *kernels.recon_backward(go32, x, e32, g32, 256))
+    for a, b in zip(got, truth):
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max() + 1e-30
+    g_nan = g32.clone()
+    g_nan[1] = float("nan")
+    loss = kernels.recon_forward(x, e32, g_nan, 256)
+    grad_eps, grad_gamma = kernels.recon_backward(go32, x, e32, g_nan, 256)
+    assert torch.isnan(loss[1]) and torch.isnan(grad_gamma[1]) and torch.isnan(grad_eps[1]).any()
+    keep = [0, 2, 3]
+    assert torch.equal(loss[keep], got[0][keep]) and torch.equal(grad_gamma[keep], got[2][keep])
+
+
+def test_a_constant_pinned_network_is_refused_by_name():
+    """w1 = 0 and w3 = 0 make g(1) = g(0): the pinned schedule's 0 / 0 was a silent NaN."""
+    t = torch.rand(5)
+    params = [torch.zeros(1, 1), torch.randn(1), torch.randn(4, 1), torch.randn(4), torch.zeros(1, 4)]
+    with pytest.raises(ValueError, match=r"g\(1\) != g\(0\).*constant"):
+        ops.gamma_nnet_pinned(t, *params, torch.tensor([-7.0]), torch.tensor([5.0]))
+    params[0] = torch.ones(1, 1)
+    gamma, _ = ops.gamma_nnet_pinned(t, *params, torch.tensor([-7.0]), torch.tensor([5.0]))
+    assert torch.isfinite(gamma).all()
