@@ -83,7 +83,7 @@ def _ordinary_examples(*tensors_, B):
     return ok
 
 
-def _compare(name, got, plain, want, dtype, clean, dims):
+def _compare(name, got, plain, want, dtype, clean, dims, condition=1.0):
     """``got`` (the op, in ``dtype``) against ``want`` (the reference in float64) on the examples
     whose inputs are all ordinary (``clean``) and where ``want`` is finite and representable in
     ``dtype``: within the dtype's tolerance of the largest magnitude, or within twice the error
@@ -103,7 +103,7 @@ def _compare(name, got, plain, want, dtype, clean, dims):
     scale = want.abs().max().item()
     err = (got - want).abs().max().item()
     plain_err = (plain - want).abs().max().item()
-    floor = 8 * torch.finfo(dtype).eps * dims
+    floor = 64 * torch.finfo(dtype).eps * dims * condition
     allowed = max(RTOL[dtype] * scale, 2 * plain_err if math.isfinite(plain_err) else 0.0, floor)
     assert math.isfinite(err) and err <= allowed, \
         f"{name}: error {err:.3g} > {allowed:.3g} (scale {scale:.3g}, the {dtype} reference's error {plain_err:.3g})"
@@ -119,7 +119,7 @@ def _with_grads(fn, inputs, wrt):
     return [out, *grads]
 
 
-def _check_op(name, op, reference, inputs, wrt, B, dtype):
+def _check_op(name, op, reference, inputs, wrt, B, dtype, condition=1.0):
     _count(name, *inputs)
     clean = _ordinary_examples(*inputs, B=B)
     got = _with_grads(op, inputs, wrt)
@@ -127,7 +127,8 @@ def _check_op(name, op, reference, inputs, wrt, B, dtype):
     wide = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
     want = _with_grads(reference, wide, wrt)
     for k, (g, p, w) in enumerate(zip(got, plain, want)):
-        _compare(f"{name} {'value' if k == 0 else f'gradient {k}'}", g, p, w, dtype, clean, inputs[0][0].numel())
+        _compare(f"{name} {'value' if k == 0 else f'gradient {k}'}", g, p, w, dtype, clean, inputs[0][0].numel(),
+                 condition)
 
 
 shapes = st.sampled_from([(1, 1), (2, 7), (3, 2, 4, 4), (2, 1, 9, 9)])
@@ -262,9 +263,13 @@ def check_gamma_nnet_pinned(B, n, dtype, special, data):
             assert "constant" in str(err), err
             return
         raise AssertionError("gamma_nnet_pinned took a constant network")
+    # Pinning divides by g(1) - g(0): rounding of g is amplified by |g| / |g(1) - g(0)|.
+    g64 = ref.schedule.nnet_gamma(torch.cat([t, t.new_tensor([0.0, 1.0])]).double(), *(p.double() for p in params))
+    condition = (g64.abs().max() / (g64[-1] - g64[-2]).abs()).item()
+    condition = condition if math.isfinite(condition) else 1.0
     for i, what in enumerate(("gamma", "gamma'")):
         _check_op(f"gamma_nnet_pinned {what}", lambda *a, i=i: ops.gamma_nnet_pinned(*a)[i],
-                  lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype)
+                  lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype, condition)
 
 
 @given(B=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), hw=st.sampled_from([(1, 1), (3, 5), (4, 4)]),
