@@ -45,13 +45,13 @@ def implementations(cfg, shape, vocab, device):
         model.autocast_dtype = torch.bfloat16
     x = torch.randint(0, vocab, (cfg.batch_size, *shape), device=device)
     out = {}
-    for name, backend in (("reference", "reference"), ("reference, compiled", "reference"), ("vdm_fast", "auto")):
+    for name, choice in (("reference", "reference"), ("reference, compiled", "reference"), ("vdm_fast", "auto")):
         m = copy.deepcopy(model)
         if name.endswith("compiled"):
             # The score network only: the reference schedule's gamma' takes a double backward,
             # which torch.compile cannot differentiate through.
             m.score_net = compiled(m.score_net)
-        out[name] = training_step(m, make_optimizer(m, cfg), x, backend)
+        out[name] = training_step(m, make_optimizer(m, cfg), x, choice)
     return out
 
 

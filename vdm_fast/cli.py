@@ -24,7 +24,7 @@ import sys
 COMMANDS = {
     "train": ("vdm_fast.train", "train a VDM and report its test bits per dim (default: the bundled digits, CPU)"),
     "evaluate": ("vdm_fast.evaluate", "test bits per dim of a checkpoint, with its EMA weights"),
-    "sample": ("vdm_fast.sample", "draw samples from a checkpoint into a PNG grid"),
+    "sample": ("vdm_fast.sample", "draw samples from a checkpoint (ancestral, DDIM, DPM-Solver++) as a PNG grid or .npy"),
     "compress": ("vdm_fast.compress", "bits-back lossless compression: encode | decode"),
     "export": ("vdm_fast.export", "write a checkpoint's weights as model.safetensors + config.json"),
     "check": ("vdm_fast.check", "self-test every op on this device against its reference; prints the build"),

@@ -10,10 +10,8 @@ from torch import Tensor, nn
 from vdm_fast import ops
 from vdm_fast.nn.schedule import FixedLinearSchedule, gamma_and_derivative
 from vdm_fast.ops import _validate
-from vdm_fast.reference.loss import bits_per_dim, decode, encode
+from vdm_fast.reference.loss import bits_per_dim, encode
 from vdm_fast.reference.parameterization import check_prediction, to_eps
-from vdm_fast.reference.process import alpha_sigma
-from vdm_fast.reference.sampling import ancestral_step
 from vdm_fast.reference.times import antithetic_times, discretize_time
 from vdm_fast.reference.weighting import WEIGHTINGS, diffusion_weight
 
@@ -322,30 +320,20 @@ class VDM(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, T: int, generator: Optional[torch.Generator] = None,
                device=None, sample_x: bool = False, labels: Optional[Tensor] = None,
-               guidance: float = 0.0) -> Tensor:
+               guidance: float = 0.0, *, sampler: str = "ancestral", eta: Optional[float] = None,
+               spacing: Optional[str] = None) -> Tensor:
         """``n`` images (int64 ``[n, C, H, W]``) by ancestral sampling with ``T`` steps from
         ``z_1 ~ N(0, I)``, decoded at ``z_0`` by argmax (or sampled, ``sample_x=True``).
 
         A conditional model takes ``labels [n]`` (``num_classes``: unconditional) and a
-        classifier-free ``guidance`` scale w >= 0 (0: the plain conditional model)."""
+        classifier-free ``guidance`` scale w >= 0 (0: the plain conditional model).
+
+        ``sampler="ddim"`` (with ``eta`` in [0, 1], default 0) or ``"dpm-solver"``
+        (DPM-Solver++(2M)) take ``T`` steps of that sampler instead; ``spacing``: ``"time"`` or
+        ``"lambda"`` (uniform log-SNR). See ``vdm_fast.samplers``, which this calls."""
+        from vdm_fast.samplers import sample  # the samplers build on the model, not the reverse
+
         _validate.finite_number("n", n, positive=True, integer=True)
         _validate.finite_number("T", T, positive=True, integer=True)
-        _validate.finite_number("guidance", guidance)
-        if self.num_classes and (labels is None or labels.shape != (n,)):
-            raise ValueError(f"a class-conditional model samples with labels of shape ({n},)")
-        if not self.num_classes and labels is not None:
-            raise ValueError("labels given to an unconditional model (num_classes = 0)")
-        device = device if device is not None else next(self.parameters()).device
-        z = torch.randn((n, *self.image_shape), generator=generator, device=device, dtype=self.dtype)
-        grid = torch.arange(T, -1, -1, device=device, dtype=self.dtype) / T  # 1, ..., 1/T, 0
-        gammas, _ = self.gamma(grid)
-        gammas = gammas.detach()
-        labels = None if labels is None else labels.to(device)
-        for i in range(T):
-            gamma_t, gamma_s = gammas[i].expand(n), gammas[i + 1].expand(n)
-            eps_hat = self._eps_hat(z, gamma_t, labels, guidance)
-            noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
-            z = ancestral_step(z, eps_hat, gamma_t, gamma_s, noise)
-        gamma_0 = gammas[T].expand(n)
-        alpha_0, _ = alpha_sigma(gamma_0)
-        return decode(z / alpha_0[:, None, None, None], gamma_0, self.vocab_size, sample_x, generator)
+        return sample(self, n, T, sampler, eta=eta, spacing=spacing, generator=generator, device=device,
+                      sample_x=sample_x, labels=labels, guidance=guidance)
