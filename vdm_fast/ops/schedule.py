@@ -148,13 +148,15 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     # CUDA graph cannot capture), and split off as views (tests/test_gpu_ready.py).
     g, dg = gamma_nnet(torch.cat([t, t.new_zeros(1), t.new_ones(1)]), w1, b1, w2, b2, w3)
     g_t, g_0, g_1 = g.split([B, 1, 1])
-    # A constant network (w1 = 0 and w3 = 0: g(1) = g(0)) cannot be stretched between the
-    # endpoints: refused by name where values may be read, NaN (0 / 0) inside a trace.
-    if _validate.values_readable(t) and bool(((g_1 == g_0) & torch.isfinite(g_0)).item()):
-        raise ValueError("gamma_nnet_pinned needs a network with g(1) != g(0), got a constant one "
-                         f"(g(0) = g(1) = {g_0.item()} in {t.dtype}: w1 and w3 all zero, or b1 so large that "
-                         "they round away); its endpoints cannot be pinned")
     scale = (gamma_1 - gamma_0) / (g_1 - g_0)
+    # A network that is constant in t's dtype (w1 = 0 and w3 = 0, or a g(1) - g(0) below its
+    # resolution) cannot be stretched between finite endpoints: refused by name where values may
+    # be read; inside a trace its 0 / 0 or overflow stays a NaN or inf.
+    finite = torch.isfinite(torch.cat([g_0, g_1, gamma_0, gamma_1])).all()
+    if _validate.values_readable(t) and bool((finite & ~torch.isfinite(scale).all()).item()):
+        raise ValueError("gamma_nnet_pinned needs a network whose g(1) - g(0) is resolved in "
+                         f"{t.dtype}, got g(0) = {g_0.item()}, g(1) = {g_1.item()} (w1 and w3 all zero, or "
+                         "too small beside b1): a constant network's endpoints cannot be pinned")
     return gamma_0 + scale * (g_t - g_0), scale * dg.narrow(0, 0, B)
 
 
