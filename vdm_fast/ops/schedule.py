@@ -150,10 +150,11 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     g_t, g_0, g_1 = g.split([B, 1, 1])
     scale = (gamma_1 - gamma_0) / (g_1 - g_0)
     # A network that is constant in t's dtype (w1 = 0 and w3 = 0, or a g(1) - g(0) below its
-    # resolution) cannot be stretched between finite endpoints: refused by name where values may
-    # be read; inside a trace its 0 / 0 or overflow stays a NaN or inf.
+    # range) cannot be stretched between finite endpoints: the stretch, or its square in the
+    # gradients, overflows. Refused by name where values may be read; inside a trace the 0 / 0
+    # or overflow stays a NaN or inf.
     finite = torch.isfinite(torch.cat([g_0, g_1, gamma_0, gamma_1])).all()
-    if _validate.values_readable(t) and bool((finite & ~torch.isfinite(scale).all()).item()):
+    if _validate.values_readable(t) and bool((finite & ~torch.isfinite(scale * scale).all()).item()):
         raise ValueError("gamma_nnet_pinned needs a network whose g(1) - g(0) is resolved in "
                          f"{t.dtype}, got g(0) = {g_0.item()}, g(1) = {g_1.item()} (w1 and w3 all zero, or "
                          "too small beside b1): a constant network's endpoints cannot be pinned")
