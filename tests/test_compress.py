@@ -112,8 +112,10 @@ def _decode_in_subprocess(tmp_path, model, stream, env):
         "stream = open(sys.argv[2] + '/s.vdmz', 'rb').read()\n"
         "np.save(sys.argv[2] + '/out.npy', compress.decode(model, stream).numpy())\n"
     )
+    # cwd: python -c puts the working directory on sys.path, and the repository root's source
+    # folder would shadow the installed package (and refuse to import).
     proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(tmp_path / "eps.npy"), np.load(tmp_path / "out.npy")
 
