@@ -1,6 +1,10 @@
 """Assertions shared by the test modules (``tests/`` is on ``sys.path`` via pytest's
 ``pythonpath`` setting; the package itself is always the installed one)."""
 
+import importlib.machinery
+import sys
+import types
+
 import pytest
 import torch
 
@@ -43,3 +47,29 @@ class PoisonedTorch:
 
     def empty_like(self, *args, **kwargs):
         return self._poison(torch.empty_like(*args, **kwargs))
+
+
+def torchvision_or_stub():
+    """Import torchvision, or put stand-ins for its modules in its place where it cannot load.
+
+    diffusers (where torchvision is installed) and denoising-diffusion-pytorch (always, for its
+    Trainer's image transforms) import torchvision; the tests use none of it. Where the only
+    torchvision that fits the installed torch cannot load its operators (CI's CPU torch beside
+    PyPI's torchvision: "operator torchvision::nms does not exist") the stand-ins let the
+    packages import; their networks and losses, which these tests run, never touch torchvision.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return  # not installed: the packages import without it, or the tests skip
+    except RuntimeError:
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        root = types.ModuleType("torchvision")
+        root.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+        for name in ("transforms", "utils", "models", "io", "datasets", "ops"):
+            sub = types.ModuleType(f"torchvision.{name}")
+            sub.__spec__ = importlib.machinery.ModuleSpec(f"torchvision.{name}", None)
+            setattr(root, name, sub)
+            sys.modules[f"torchvision.{name}"] = sub
+        sys.modules["torchvision"] = root

@@ -2,10 +2,7 @@
 ``denoising-diffusion-pytorch``, each adapter against the package's own computation, and the
 runnable ``examples/``. Skipped where the ``integrations`` extra is not installed."""
 
-import importlib.machinery
 import runpy
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,38 +11,12 @@ import torch
 from vdm_fast import ops
 from vdm_fast.nn import VDM, LearnedScalarSchedule, from_denoising_diffusion_pytorch, from_diffusers, gamma_and_derivative
 
-from helpers import assert_close
+from helpers import assert_close, torchvision_or_stub
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _torchvision_or_stub():
-    """Import torchvision, or put stand-ins for its modules in its place where it cannot load.
-
-    Both packages import torchvision (diffusers where it is installed, denoising-diffusion-pytorch
-    always, for its Trainer's image transforms); these tests use none of it. Where the only
-    torchvision that fits the installed torch cannot load its operators (CI's CPU torch beside
-    PyPI's torchvision: "operator torchvision::nms does not exist") the stand-ins let the
-    packages import; their networks and losses, which these tests run, never touch torchvision.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        return  # not installed: the packages import without it, or the tests skip
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        root = types.ModuleType("torchvision")
-        root.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-        for name in ("transforms", "utils", "models", "io", "datasets", "ops"):
-            sub = types.ModuleType(f"torchvision.{name}")
-            sub.__spec__ = importlib.machinery.ModuleSpec(f"torchvision.{name}", None)
-            setattr(root, name, sub)
-            sys.modules[f"torchvision.{name}"] = sub
-        sys.modules["torchvision"] = root
-
-
-_torchvision_or_stub()
+torchvision_or_stub()
 
 
 @pytest.fixture(scope="module")

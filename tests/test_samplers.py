@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, torchvision_or_stub
 from torch import nn
 
 from vdm_fast import nn as vnn
@@ -368,30 +368,6 @@ def test_importing_vdm_fast_never_imports_diffusers():
     assert proc.returncode == 0, proc.stderr
 
 
-def _torchvision_or_stub():
-    """As tests/test_integrations.py: where the installed torchvision cannot load its operators
-    ("operator torchvision::nms does not exist"), stand-ins for its modules let diffusers' U-Net
-    import (it uses none of torchvision)."""
-    import importlib.machinery
-    import types
-
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        return
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        root = types.ModuleType("torchvision")
-        root.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-        for name in ("transforms", "utils", "models", "io", "datasets", "ops"):
-            sub = types.ModuleType(f"torchvision.{name}")
-            sub.__spec__ = importlib.machinery.ModuleSpec(f"torchvision.{name}", None)
-            setattr(root, name, sub)
-            sys.modules[f"torchvision.{name}"] = sub
-        sys.modules["torchvision"] = root
-
-
 def _diffusers_loop(scheduler, eps_model, shape, steps, seed, dtype=torch.float64):
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
@@ -460,7 +436,7 @@ def test_the_scheduler_guides_and_noises_as_vdm_fast_does():
 def test_a_diffusers_unet_in_the_loop_takes_the_schedulers_timesteps_directly():
     """A UNet2DModel behind from_diffusers on a fixed schedule embeds 1000 t: the scheduler's
     timesteps, so the U-Net itself goes in the loop unwrapped."""
-    _torchvision_or_stub()
+    torchvision_or_stub()
     diffusers = pytest.importorskip("diffusers")
     from vdm_fast.diffusers_scheduler import VDMScheduler
 

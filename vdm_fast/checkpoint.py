@@ -81,8 +81,7 @@ def first_non_finite(state: dict):
 
 
 def save(path: Path, state: dict) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash at any
-    moment leaves either the old checkpoint or the new one, never a torn file. A state with a
+    """Write ``state`` atomically (``write_atomic``) with its format and checksum. A state with a
     non-finite tensor is refused (``CheckpointError``) and the old checkpoint stays."""
     path = Path(path)
     bad = first_non_finite(state)
@@ -90,11 +89,20 @@ def save(path: Path, state: dict) -> None:
         raise CheckpointError(f"refusing to write {path}: {bad} holds non-finite values")
     state = {"format": FORMAT, **state}
     state["sha256"] = digest(state)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary ``<name>.*.tmp`` beside ``path``, fsync, then rename it over
+    ``path``: a crash at any moment leaves the old file or the new one, never a torn one (and
+    at most a temporary, which ``remove_stale_temporaries`` clears). The one atomic write of
+    checkpoints and exported weights."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -19,16 +19,14 @@ non-finite weights. Needs the ``export`` extra (``pip install 'vdm_fast[export]'
 import argparse
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vdm_fast import __version__
 from vdm_fast._extras import require
-from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
+from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint, write_atomic
 from vdm_fast.config import TrainConfig, resolve, to_dict
 from vdm_fast.factory import build_model
 
@@ -65,20 +63,6 @@ def _safetensors():
 
 
 # ----------------------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256_file(path: Path) -> str:
@@ -159,11 +143,11 @@ def save_pretrained(model, cfg: TrainConfig, folder, *, step: int = 0, weights: 
         st.save_file(tensors, str(tmp), metadata=metadata)
         digest["sha256"] = _sha256_file(tmp)
 
-    _write_atomic(weights_path, write_weights)
+    write_atomic(weights_path, write_weights)
     config["safetensors_sha256"] = digest["sha256"]
     config["config_sha256"] = config_digest(config)
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
-    _write_atomic(config_path, lambda tmp: tmp.write_text(text))
+    write_atomic(config_path, lambda tmp: tmp.write_text(text))
     return config
 
 
