@@ -175,7 +175,20 @@ def test_dataset_defaults_are_the_official_configs():
 
 
 def test_warm_up_starts_from_zero_as_the_official_schedule():
-    cfg = config.resolve({"lr": 1e-3, "warmup": 100})
+    cfg = config.resolve({"lr": 1e-3, "warmup": 100, "lr_decay": "none"})
     assert learning_rate(cfg, 0) == 0.0 and learning_rate(cfg, 50) == pytest.approx(5e-4)
     assert learning_rate(cfg, 100) == learning_rate(cfg, 10_000) == 1e-3
     assert learning_rate(config.resolve({"lr": 1e-3, "warmup": 0}), 0) == 1e-3
+
+
+@pytest.mark.parametrize("decay, middle", [("cosine", 0.5), ("linear", 0.5)])
+def test_a_decayed_learning_rate_falls_from_the_peak_after_warm_up_to_zero_at_the_last_step(decay, middle):
+    cfg = config.resolve({"lr": 1e-3, "warmup": 100, "steps": 1100, "lr_decay": decay})
+    assert learning_rate(cfg, 50) == pytest.approx(5e-4)  # the warm-up is the same
+    assert learning_rate(cfg, 100) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 600) == pytest.approx(middle * 1e-3)
+    assert learning_rate(cfg, 1100) == pytest.approx(0.0, abs=1e-15)
+    rates = [learning_rate(cfg, s) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises after the peak
+    cosine_quarter = 0.5 * (1 + math.cos(math.pi / 4))
+    assert learning_rate(cfg, 350) == pytest.approx((cosine_quarter if decay == "cosine" else 0.75) * 1e-3)

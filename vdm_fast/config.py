@@ -49,6 +49,8 @@ class TrainConfig:
     batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (split over processes)"})
     lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    lr_decay: str = field(default="none", metadata={
+        "help": "none | cosine | linear: after the warm-up, decay the learning rate to 0 at the last step"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases)"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     ema: Optional[float] = field(default=None, metadata={"help": "EMA decay of the weights"})
@@ -93,7 +95,7 @@ MODEL_FIELDS = ("data", "n_embd", "n_layer", "attention", "schedule", "schedule_
 
 CHOICES = {"data": tuple(DATASET_DEFAULTS), "attention": ("middle", "all"), "schedule": tuple(SCHEDULES),
            "schedule_objective": SCHEDULE_OBJECTIVES, "ops": backend.BACKENDS, "prediction": PREDICTIONS,
-           "weighting": WEIGHTINGS, "device": ("auto", "cpu", "cuda")}
+           "weighting": WEIGHTINGS, "lr_decay": ("none", "cosine", "linear"), "device": ("auto", "cpu", "cuda")}
 
 
 def _parse_bool(text: str) -> bool:

@@ -216,8 +216,15 @@ def _param_groups(model, weight_decay: float):
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The official schedule: linear warm-up from 0 at step 0 to ``lr`` at step ``warmup``."""
-    return cfg.lr if cfg.warmup == 0 else cfg.lr * min(1.0, step / cfg.warmup)
+    """The official schedule: linear warm-up from 0 at step 0 to ``lr`` at step ``warmup``; then
+    constant (the official recipe), or decayed to 0 at step ``steps`` (``lr_decay``: a short run
+    ends on weights that the last steps have averaged rather than jittered)."""
+    if step < cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    if cfg.lr_decay == "none" or cfg.steps <= cfg.warmup:
+        return cfg.lr
+    progress = (step - cfg.warmup) / (cfg.steps - cfg.warmup)
+    return cfg.lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
