@@ -80,10 +80,11 @@ def jit_source(kernel, args, kwargs, target):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(kwargs)
-    # What JITFunction.run adds before binding.
+    # What JITFunction.run adds before binding (the fpsan knob since Triton 3.9; 3.8 has none).
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     bound_args, specialization, options = binder(*args, **kwargs)
     key = (kernel.__name__, str(specialization), str(options))
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
