@@ -9,6 +9,7 @@ EXTRAS = {
     "export": ("safetensors",),  # python -m vdm_fast.export, VDM.from_pretrained, --ckpt FOLDER
     "plot": ("matplotlib",),  # curves.png of a training run, python -m vdm_fast.curves (optional)
     "tensorboard": ("tensorboard",),  # python -m vdm_fast.train --tensorboard
+    "likelihood": ("torchdiffeq",),  # python -m vdm_fast.evaluate --likelihood ode, vdm_fast.likelihood
 }
 
 

@@ -108,6 +108,14 @@ def portable_exp(x: np.ndarray) -> np.ndarray:
     return np.ldexp(p, n.astype(np.int64))
 
 
+def _eps_hat(model, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The model's noise prediction at ``(z, gamma)``, whatever its network predicts (x, v and
+    score converted to eps, as the bound does). A class-conditional model codes images under
+    its unconditional p(x): its network gets the null class (``num_classes``)."""
+    null = torch.full((len(z),), model.num_classes, dtype=torch.long) if model.num_classes else None
+    return model._eps_hat(z, gamma, null, 0.0)
+
+
 class Chain:
     """The per-step constants of the T-step chain of one model, shared by sender and receiver.
 
@@ -150,7 +158,7 @@ class Chain:
         # guess of the image before it has seen anything, on a grid so both sides hold it exactly.
         z = torch.zeros(1, *model.image_shape, dtype=torch.float64)
         with torch.no_grad():
-            eps = model.score_net(z, torch.full((1,), self.gamma[T], dtype=torch.float64)).reshape(-1).numpy()
+            eps = _eps_hat(model, z, torch.full((1,), self.gamma[T], dtype=torch.float64)).reshape(-1).numpy()
         if not np.isfinite(eps).all():
             raise CodecError("the network's noise prediction at z_1 = 0 is not finite")
         guess = np.round(-(sigma[T] / alpha[T]) * eps * 2.0**_GUESS_BITS) * 2.0**-_GUESS_BITS
@@ -185,7 +193,7 @@ class Chain:
         """The network's noise prediction at z_i = delta_i k (float64, [n, D])."""
         z = torch.from_numpy(k * self.delta[i]).reshape(-1, *self.model.image_shape)
         with torch.no_grad():
-            eps = self.model.score_net(z, torch.full((len(z),), self.gamma[i], dtype=torch.float64))
+            eps = _eps_hat(self.model, z, torch.full((len(z),), self.gamma[i], dtype=torch.float64))
         return eps.reshape(len(z), -1).numpy()
 
     def direct_probs(self, x: np.ndarray, counts: np.ndarray):

@@ -4,7 +4,8 @@
     python -m vdm_fast.compress decode --ckpt CKPT --input out.vdmz --output images.npy
 
 The model is the T-step discrete-time VDM; a bits-back chunk costs about its T-step negative
-ELBO (what ``python -m vdm_fast.evaluate --T`` reports). There are no seeded initial bits: the
+ELBO (what ``python -m vdm_fast.evaluate --T`` reports); a class-conditional model codes the images
+under its unconditional p(x), the null class's. There are no seeded initial bits: the
 first images are coded directly, without bits back, until the stack can lend them, so a small
 file costs noticeably more than its bound and a large one approaches it. The coding itself
 (``vdm_fast.bitsback``) runs the model in float64 on the CPU, on all threads, and builds its

@@ -16,21 +16,17 @@ good checkpoint is never replaced by a worse one.
 """
 
 import contextlib
-import datetime
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from vdm_fast._extras import require
 
@@ -43,7 +39,8 @@ from vdm_fast import checkpoint as ckpt
 from vdm_fast import data as datasets
 from vdm_fast.config import TrainConfig, parse_args, to_dict
 from vdm_fast.curves import RunPlots
-from vdm_fast.evaluate import test_bpd
+from vdm_fast.distributed import Distributed, JobFailed, SharedStop
+from vdm_fast.evaluate import BOUND_DRAWS, evaluate
 from vdm_fast.factory import build_model
 from vdm_fast.nn.dropout import global_masks
 from vdm_fast.reference.times import antithetic_times
@@ -51,101 +48,9 @@ from vdm_fast.sample import save_grid
 from vdm_fast.seeds import mix as _mix
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(SharedStop):
     """Too many steps in a row had a non-finite loss or gradient, or an update made the weights
     non-finite."""
-
-
-class JobFailed(SystemExit):
-    """A process of a multi-process job failed, or lost a peer: its message is printed, and the
-    process must exit (status ``code``) without another collective. ``__cause__`` is the error."""
-
-
-def _collective_failed(err: BaseException) -> bool:
-    """Whether ``err`` came out of a collective whose peers are gone or stuck (gloo raises a
-    plain RuntimeError naming its source file: "Connection closed by peer", "Timed out")."""
-    return isinstance(err, dist.DistError) or (
-        isinstance(err, RuntimeError) and re.search(r"gloo|nccl|connection (closed|reset)|timed out",
-                                                    str(err), re.IGNORECASE) is not None)
-
-
-class Distributed:
-    """This process's place in a torchrun job (or a job of one).
-
-    A failure stays on its rank and ends the job: every collective waits at most ``timeout``
-    seconds (then raises); a rank that fails says so and exits without another collective; a
-    rank whose collective raises (a peer died, failed, or is stuck) says so and exits too. No
-    checkpoint is written after a failure: one is written only after the step's ``all_min``,
-    which every rank reaches only when its step succeeded."""
-
-    def __init__(self, device_kind: str, timeout: float = 600.0):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.timeout = timeout
-        self.failed = False
-        # Where this process is and what is on disk, for the failure messages (set by _train).
-        self.at = "during start-up"
-        self.last_good = lambda: "No checkpoint was written by this run."
-        if self.world > 1:
-            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout))
-
-    def fail(self, err: BaseException) -> None:
-        """Report this process's failure (one line on stderr, after the traceback of an
-        unexpected error); from here on SIGINT/SIGTERM are ignored (torchrun's SIGTERM to the
-        survivors must not cut the message or turn the exit status into -15) and ``close``
-        attempts no collective."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        self.failed = True
-        who = f"rank {self.rank}"
-        if isinstance(err, NonFiniteLoss):  # every rank takes this decision at the same step (named)
-            line = f"{who} stopped: error: {err}"
-        elif isinstance(err, SystemExit):  # a one-line error of this rank ("error: ...")
-            line = f"{who} failed {self.at}: {err.code}"
-        elif _collective_failed(err):
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            line = (f"{who} stopped {self.at}: another rank failed or stopped responding (a collective raised "
-                    f"{type(err).__name__}: {first}); see that rank's message. {self.last_good()}")
-        else:
-            traceback.print_exception(type(err), err, err.__traceback__)
-            line = f"{who} failed {self.at}: {type(err).__name__}: {err}. {self.last_good()}"
-        print(line, file=sys.stderr, flush=True)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_min(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return t.item()
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-    def average_gradients(self, params) -> None:
-        """All-reduce the gradients that were set outside DDP's backward."""
-        if self.world > 1:
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self):
-        # After a failure the group is broken: tearing it down could wait on a dead peer.
-        if self.world > 1 and not self.failed:
-            dist.destroy_process_group()
 
 
 class BatchSampler:
@@ -616,17 +521,20 @@ def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = 
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)
-    def bpd(T):
-        return test_bpd(model, ds.test.images, cfg.batch_size, T=T, max_batches=cfg.eval_batches, device=device,
-                        seed=cfg.seed, progress=True, labels=ds.test.labels if model.num_classes else None)
+    def bpd(T):  # the evaluate command's default figure
+        return evaluate(model, ds.test.images, ds.test.labels if model.num_classes else None, T=T,
+                        draws=BOUND_DRAWS, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, seed=cfg.seed, device=device,
+                        progress=True)
 
-    report = {"test_bpd": bpd(0),
+    bound = bpd(0)
+    report = {"test_bpd": bound["bpd"], "test_bpd_se": bound["se"],
               "histogram_bpd": datasets.histogram_bpd(ds.train.images, ds.test.images, ds.vocab_size)}
+    lines = [f"test bpd (continuous time, EMA weights): {bound['bpd']:.4f} +- {bound['se']:.4f} (standard error over "
+             f"{bound['images']} images, {bound['draws']} draws each)"]
     if cfg.eval_T:
-        report[f"test_bpd_T{cfg.eval_T}"] = bpd(cfg.eval_T)
-    lines = [f"test bpd (continuous time, EMA weights): {report['test_bpd']:.4f}"]
-    if cfg.eval_T:
-        lines.append(f"test bpd (T={cfg.eval_T}):                  {report[f'test_bpd_T{cfg.eval_T}']:.4f}")
+        stepped = bpd(cfg.eval_T)
+        report.update({f"test_bpd_T{cfg.eval_T}": stepped["bpd"], f"test_bpd_T{cfg.eval_T}_se": stepped["se"]})
+        lines.append(f"test bpd (T={cfg.eval_T}):                  {stepped['bpd']:.4f} +- {stepped['se']:.4f}")
     lines.append(f"per-pixel histogram baseline:            {report['histogram_bpd']:.4f}")
     if cfg.sample_n:
         model.eval()
