@@ -69,14 +69,16 @@ def _count(op, *tensors_):
 ORDINARY = 1e6
 
 
-def _ordinary_examples(*tensors_, B):
+def _ordinary_examples(*tensors_, B, per_example=None):
     """[B] bool: every float input of the example is finite and ordinary in size (per-example
-    tensors: [B, ...]; any other tensor is shared by the whole batch)."""
+    tensors: those at the indices ``per_example``, default every ``[B, ...]`` one; any other
+    tensor is shared by the whole batch, as a network's weights are whatever their shape)."""
     ok = torch.ones(B, dtype=torch.bool)
-    for t in tensors_:
+    for i, t in enumerate(tensors_):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             fine = torch.isfinite(t) & (t.abs() <= ORDINARY)
-            if t.dim() >= 1 and t.shape[0] == B:
+            mine = t.dim() >= 1 and t.shape[0] == B if per_example is None else i in per_example
+            if mine:
                 ok &= fine.reshape(B, -1).all(1)
             else:
                 ok &= bool(fine.all())
@@ -119,16 +121,29 @@ def _with_grads(fn, inputs, wrt):
     return [out, *grads]
 
 
-def _check_op(name, op, reference, inputs, wrt, B, dtype, condition=1.0):
+def _check_op(name, op, reference, inputs, wrt, B, dtype, condition=1.0, per_example=None):
     _count(name, *inputs)
-    clean = _ordinary_examples(*inputs, B=B)
+    clean = _ordinary_examples(*inputs, B=B, per_example=per_example)
     got = _with_grads(op, inputs, wrt)
     plain = _with_grads(reference, inputs, wrt)
     wide = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
     want = _with_grads(reference, wide, wrt)
+    # A gradient's rounding is that of the output's magnitude over the input's, |f| eps / |x|
+    # (an exact zero by cancellation, e.g. the pinned schedule's d gamma / d w3 where the
+    # normalisation divides w3 out, comes back as that much noise): the floor grows with it.
+    out_scale = _finite_max(want[0])
     for k, (g, p, w) in enumerate(zip(got, plain, want)):
+        size = _finite_max(wide[wrt[k - 1]]) if k else 0.0
+        ratio = out_scale / size if size > 0 and math.isfinite(out_scale / size) else 1.0
         _compare(f"{name} {'value' if k == 0 else f'gradient {k}'}", g, p, w, dtype, clean, inputs[0][0].numel(),
-                 condition)
+                 condition * max(1.0, ratio))
+
+
+def _finite_max(t: torch.Tensor) -> float:
+    """The largest finite magnitude of ``t`` (0 where none)."""
+    finite = t.detach().double().abs()
+    finite = finite[torch.isfinite(finite)]
+    return finite.max().item() if finite.numel() else 0.0
 
 
 shapes = st.sampled_from([(1, 1), (2, 7), (3, 2, 4, 4), (2, 1, 9, 9)])
@@ -241,7 +256,8 @@ def check_gamma_nnet(B, n, dtype, special, data):
         return lambda *a: ref.schedule.nnet(*a)[i]
 
     for i, what in enumerate(("gamma", "gamma'")):
-        _check_op(f"gamma_nnet {what}", pick(i), pick_ref(i), [t, *params], [0, 1, 2, 3, 4, 5], B, dtype)
+        _check_op(f"gamma_nnet {what}", pick(i), pick_ref(i), [t, *params], [0, 1, 2, 3, 4, 5], B, dtype,
+                  per_example=[0])
 
 
 @given(B=st.integers(1, 6), n=st.integers(1, 20), dtype=dtypes, special=special, data=st.data())
@@ -271,7 +287,8 @@ def check_gamma_nnet_pinned(B, n, dtype, special, data):
     condition = condition if math.isfinite(condition) else 1.0
     for i, what in enumerate(("gamma", "gamma'")):
         _check_op(f"gamma_nnet_pinned {what}", lambda *a, i=i: ops.gamma_nnet_pinned(*a)[i],
-                  lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype, condition)
+                  lambda *a, i=i: reference(*a, i), [t, *params, *ends], list(range(8)), B, dtype, condition,
+                  per_example=[0])
 
 
 @given(B=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), hw=st.sampled_from([(1, 1), (3, 5), (4, 4)]),
