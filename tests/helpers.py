@@ -2,6 +2,7 @@
 ``pythonpath`` setting; the package itself is always the installed one)."""
 
 import importlib.machinery
+import importlib.metadata
 import sys
 import types
 
@@ -26,6 +27,24 @@ def max_rel_err(actual, expected) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
+
+def _triton_version():
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+# The Triton whose code generation the attention tiles were chosen against (no spills there).
+# Under Triton 3.8 (torch 2.14.1's) four attention-forward variants spill 4 to 32 bytes a thread
+# and the self-test's spilling dK/dV tile does not spill (benchmarks/RESULTS.md): a measured
+# difference of that compiler, which the compile gate reports, so its tests are expected to fail.
+TILES_TUNED_FOR = (3, 9)
+_TRITON = _triton_version()
+gate_tuned_triton = pytest.mark.xfail(
+    _TRITON is not None and _TRITON < TILES_TUNED_FOR, strict=True,
+    reason=f"triton {_TRITON} is older than {TILES_TUNED_FOR}, whose code generation the attention tiles were "
+           "chosen against: four forward tiles spill there, and the spilling dK/dV tile of the self-test does not")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_cpu_kernels = pytest.mark.skipif(backend.cpu_kernels is None, reason="vdm_fast._C not built")

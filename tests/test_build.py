@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import needs_cpu_kernels
+from helpers import gate_tuned_triton, needs_cpu_kernels
 
 import vdm_fast
 from vdm_fast import backend, ops
@@ -131,6 +131,7 @@ def test_under_the_reference_backend_every_loss_op_returns_the_reference_functio
     assert not torch.allclose(marked_out, plain_out)  # the reference's output is what came back
 
 
+@gate_tuned_triton
 def test_every_triton_kernel_compiles_for_the_card():
     """Code generation for sm_90 (H100/H200) of every kernel variant the ops launch, on this
     GPU-less machine: ptxas, tensor-core dots, reductions and the shared-memory limit are checked

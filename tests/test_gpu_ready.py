@@ -27,7 +27,7 @@ import sys
 
 import pytest
 import torch
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, gate_tuned_triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -347,6 +347,7 @@ def test_the_gate_fails_32x32_bf16_attention_tiles_for_want_of_wgmma():
     assert out.strip().splitlines()[-1] == "1 variants compiled for sm_90, 1 failed", out
 
 
+@gate_tuned_triton
 def test_the_gate_fails_a_dkdv_tile_that_spills():
     """bf16 dK/dV at head dim 256 in one launch (both accumulators, K and V in registers)."""
     rc, out = _gate("--only", "_attn_bwd_dkdv", "--dtypes", "bfloat16", "--head-dims", "256", "--attention-tiles",
