@@ -428,8 +428,10 @@ def test_metrics_hold_each_step_once_after_a_kill_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_dropout_and_label_dropout(tmp_path):
+    # float32: under bf16 autocast (the default where the CPU has bf16 units) splitting the batch
+    # over processes changes the convolutions' rounding at bf16's precision, ~1e-3.
     args = [*TINY, "--steps", "6", "--dropout", "0.3", "--conditional", "--label-dropout", "0.5",
-            "--ckpt-every", "6", "--sample-n", "0", "--eval-batches", "1"]
+            "--ckpt-every", "6", "--sample-n", "0", "--eval-batches", "1", "--bf16", "false"]
     one = run_cli("vdm_fast.train", ["--out-dir", str(tmp_path / "one"), *args])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -192,3 +192,32 @@ def test_a_decayed_learning_rate_falls_from_the_peak_after_warm_up_to_zero_at_th
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises after the peak
     cosine_quarter = 0.5 * (1 + math.cos(math.pi / 4))
     assert learning_rate(cfg, 350) == pytest.approx((cosine_quarter if decay == "cosine" else 0.75) * 1e-3)
+
+
+def test_the_digits_4000_preset_is_the_earlier_default_below_the_config_file_and_the_flags(tmp_path):
+    """--preset digits-4000 gives the digits model and recipe as they were before the recipe
+    search (the numbers written out here, not read from the defaults they replaced)."""
+    cfg = config.parse_args(["--preset", "digits-4000"])
+    assert (cfg.data, cfg.n_embd, cfg.n_layer, cfg.dropout, cfg.attention, cfg.schedule) == \
+        ("digits", 64, 2, 0.1, "middle", "scalar")
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup, cfg.lr_decay, cfg.ema, cfg.weight_decay) == \
+        (4000, 64, 2e-3, 100, "none", 0.995, 0.01)
+    assert (cfg.gamma_min, cfg.gamma_max, cfg.T, cfg.antithetic, cfg.bf16) == (-7.0, 5.0, 0, True, False)
+    (tmp_path / "run.json").write_text('{"steps": 10, "lr": 1e-3}')
+    cfg = config.parse_args(["--preset", "digits-4000", "--config", str(tmp_path / "run.json"), "--lr", "5e-4"])
+    assert (cfg.steps, cfg.lr, cfg.n_embd) == (10, 5e-4, 64)  # file over preset, flag over file
+    with pytest.raises(SystemExit):
+        config.parse_args(["--preset", "no-such-preset"])
+
+
+@pytest.mark.parametrize("native, flag, autocast", [(True, "true", torch.bfloat16), (False, "true", None),
+                                                    (True, "false", None)])
+def test_bf16_autocasts_the_network_on_a_cpu_only_where_it_multiplies_bf16_natively(monkeypatch, tmp_path, native,
+                                                                                      flag, autocast):
+    from vdm_fast import backend, train
+    from vdm_fast.distributed import Distributed
+
+    monkeypatch.setattr(backend, "CPU_NATIVE_BF16", native)
+    cfg = config.parse_args(["--out-dir", str(tmp_path), "--n-embd", "32", "--n-layer", "0", "--device", "cpu",
+                             "--bf16", flag])
+    assert train._Run(cfg, Distributed("cpu")).model.autocast_dtype == autocast

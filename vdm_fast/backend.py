@@ -136,3 +136,24 @@ def build_info() -> dict:
     if cpu_kernels is None:
         return {"extension": False}
     return {"extension": True, **cpu_kernels.build_info()}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:  # not Linux: no flags read, so no CPU is taken to have bf16 units
+        return set()
+
+
+# x86 instruction sets with bf16 dot products, where oneDNN's bf16 convolutions and matrix
+# products beat float32 (without them torch emulates bf16, slower than float32).
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+CPU_NATIVE_BF16 = bool(_cpu_flags() & _BF16_FLAGS)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively: a CUDA device, or a CPU with AVX512-BF16 or
+    AMX-BF16 (read once from /proc/cpuinfo). Where the trainer's ``--bf16`` takes effect."""
+    return torch.device(device).type == "cuda" or (torch.device(device).type == "cpu" and CPU_NATIVE_BF16)
+

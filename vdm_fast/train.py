@@ -329,8 +329,8 @@ class _Run:
             raise SystemExit(f"error: {err}")
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-            if cfg.bf16:
-                model.autocast_dtype = torch.bfloat16  # the score network only
+        if cfg.bf16 and backend.native_bf16(self.device):
+            model.autocast_dtype = torch.bfloat16  # the score network only
         self.model, self.params = model, list(model.parameters())
         self.ema = [p.detach().clone() for p in self.params]
         self.optimizer = make_optimizer(model, cfg)
@@ -521,6 +521,7 @@ def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = 
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)
+    model.autocast_dtype = None  # in float32, as the evaluate command loads the checkpoint
     def bpd(T):  # the evaluate command's default figure
         return evaluate(model, ds.test.images, ds.test.labels if model.num_classes else None, T=T,
                         draws=BOUND_DRAWS, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, seed=cfg.seed, device=device,
