@@ -152,3 +152,20 @@ def test_each_subcommand_hands_its_arguments_to_the_modules_main(monkeypatch):
     assert seen == [("train", ["--steps", "2"]), ("check", ["--no-timing"])]
     monkeypatch.setattr(importlib.import_module("vdm_fast.check"), "main", lambda argv: 1)
     assert cli.main(["check"]) == 1  # check's exit status comes through
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "sample", "compress", "export", "check", "curves"])
+def test_each_subcommands_usage_line_names_the_command_that_ran_it(name, capsys):
+    """`vdm-fast NAME --help` shows `usage: vdm-fast NAME`, `python -m vdm_fast.NAME --help`
+    `usage: python -m vdm_fast.NAME`: the line a user copies names what they typed."""
+    import importlib
+
+    from vdm_fast import cli
+
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    for run, expected in ((lambda: cli.main([name, "--help"]), f"usage: vdm-fast {name} "),
+                          (lambda: module.main(["--help"]), f"usage: python -m vdm_fast.{name} ")):
+        with pytest.raises(SystemExit) as stop:
+            run()
+        assert stop.value.code == 0
+        assert capsys.readouterr().out.startswith(expected)

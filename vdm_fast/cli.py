@@ -32,6 +32,16 @@ COMMANDS = {
 }
 
 
+# module -> the command that is running it now (set by main below), for its usage line.
+_RUNNING_AS = {}
+
+
+def prog(module: str) -> str:
+    """The program name in a module's usage and error lines: ``vdm-fast COMMAND`` when this
+    console command runs it, else ``python -m MODULE``."""
+    return _RUNNING_AS.get(module, f"python -m {module}")
+
+
 def _parser() -> argparse.ArgumentParser:
     from vdm_fast import __version__
 
@@ -62,7 +72,11 @@ def main(argv=None) -> int:
         return 2
     module_name, _ = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)  # lazily: only the subcommand that runs
-    status = module.main(argv[1:])
+    _RUNNING_AS[module_name] = f"vdm-fast {argv[0]}"
+    try:
+        status = module.main(argv[1:])
+    finally:
+        del _RUNNING_AS[module_name]
     # check returns its exit status; the others return None (or a report) and exit through
     # SystemExit on failure.
     return status if isinstance(status, int) and not isinstance(status, bool) else 0

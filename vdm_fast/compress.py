@@ -33,7 +33,7 @@ require("compress")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
-from vdm_fast import bitsback
+from vdm_fast import bitsback, cli
 # The coder's error is the codec's: one exception for a caller to catch.
 from vdm_fast.bitsback import CodecError
 
@@ -270,7 +270,7 @@ def rate_report(data: bytes, n_images: int, dims: int) -> dict:
 def main(argv=None):
     from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.compress", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.compress"), description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images.npy (uint8 [N, H, W, C]) -> stream")
     enc.add_argument("--T", type=int, default=100, help="diffusion steps of the discrete-time model")

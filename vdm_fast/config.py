@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from vdm_fast import backend
+from vdm_fast import backend, cli
 from vdm_fast.nn.schedule import SCHEDULES
 from vdm_fast.nn.vdm import SCHEDULE_OBJECTIVES
 from vdm_fast.reference.parameterization import PREDICTIONS
@@ -132,7 +132,7 @@ def _field_type(f):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.train",
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.train"),
                                      description="Train a Variational Diffusion Model and report its test bpd.")
     parser.add_argument("--preset", choices=tuple(PRESETS),
                         help="a named recipe (below the config file and the flags): " + ", ".join(PRESETS))

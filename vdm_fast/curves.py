@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vdm_fast import _extras
+from vdm_fast import _extras, cli
 
 NAME = "curves.png"
 PLOT_EXTRA = "plot"
@@ -369,7 +369,7 @@ class RunPlots:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.curves",
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.curves"),
                                      description="Redraw the learning curves (curves.png) of a training run folder.")
     parser.add_argument("run_dir", help="a run folder of python -m vdm_fast.train (--out-dir)")
     parser.add_argument("--out", help=f"where to write the PNG (default RUN_DIR/{NAME})")

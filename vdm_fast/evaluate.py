@@ -41,7 +41,7 @@ require("train")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
-from vdm_fast import data as datasets
+from vdm_fast import cli, data as datasets
 from vdm_fast.checkpoint import model_for_cli
 from vdm_fast.distributed import Distributed
 from vdm_fast.seeds import mix
@@ -203,7 +203,7 @@ def _pm(result: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.evaluate"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
                         help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
     parser.add_argument("--likelihood", choices=LIKELIHOODS, default="bound",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vdm_fast import __version__
+from vdm_fast import __version__, cli
 from vdm_fast._extras import require
 from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint, write_atomic
 from vdm_fast.config import TrainConfig, resolve, to_dict
@@ -319,7 +319,7 @@ def load_pretrained(folder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.export"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint.pt of a training run")
     parser.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
     parser.add_argument("--weights", choices=WEIGHT_KINDS, default="ema",

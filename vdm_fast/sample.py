@@ -16,6 +16,7 @@ require("train")  # a one-line message, not an ImportError, without the extra
 
 from PIL import Image
 
+from vdm_fast import cli
 from vdm_fast.checkpoint import model_for_cli
 from vdm_fast.samplers import DEFAULT_SPACING, SAMPLERS, SPACINGS, check_sampler, network_evaluations
 
@@ -40,7 +41,7 @@ def save_grid(images: torch.Tensor, vocab_size: int, path, scale: int = 1) -> No
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdm_fast.sample", description=__doc__)
+    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.sample"), description=__doc__)
     parser.add_argument("--ckpt", required=True,
                         help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
     parser.add_argument("--n", type=int, default=64, help="number of images")
