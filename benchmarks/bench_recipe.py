@@ -50,6 +50,11 @@ CONFIGS = {
     "default-s3600": ["--steps", "3600"],
     "default-b48": ["--batch-size", "48"],
     "default-s6500": ["--steps", "6500"],
+    # ninth session, on an AVX2-only machine (float32: no bf16 units)
+    "l0": ["--n-layer", "0"],
+    "l0lr4": ["--n-layer", "0", "--lr", "4e-3"],
+    "default-v": ["--prediction", "v"],
+    "default-lr4s3600": ["--lr", "4e-3", "--steps", "3600"],
 }
 
 
@@ -65,6 +70,8 @@ def _evaluate(ckpt: Path) -> dict:
 
 
 def run(ids, work: Path, db: Path, threads: int) -> None:
+    from vdm_fast.backend import CPU_NATIVE_BF16  # whether these runs trained in bf16 (--bf16's default)
+
     results = json.loads(db.read_text()) if db.exists() else {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for name in ids:
@@ -76,7 +83,8 @@ def run(ids, work: Path, db: Path, threads: int) -> None:
         if proc.returncode:
             sys.exit(f"{name}: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        entry = {"flags": CONFIGS[name], "threads": threads, "wall_s": wall, "train_s": metrics[-1]["time_s"],
+        entry = {"flags": CONFIGS[name], "threads": threads, "cpu_bf16": CPU_NATIVE_BF16, "wall_s": wall,
+                 "train_s": metrics[-1]["time_s"],
                  **_evaluate(out / "checkpoint.pt")}
         results[name] = entry
         db.write_text(json.dumps(results, indent=1) + "\n")
@@ -85,7 +93,9 @@ def run(ids, work: Path, db: Path, threads: int) -> None:
 
 def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
     """Milliseconds per training step of each configuration, 2 threads: the median of ``rounds``
-    rounds of ``steps`` steps, after 5 warm-up steps (single rounds move by ~10 %)."""
+    rounds of ``steps`` steps, after 5 warm-up steps. The rounds of the configurations are
+    interleaved (round 1 of each, then round 2 of each, ...), so that the machine's drift, which
+    moves a 2-core cloud machine's speed by 10-15 % within minutes, falls on all of them alike."""
     import torch
 
     from vdm_fast.config import parse_args
@@ -93,22 +103,24 @@ def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
 
     results = json.loads(db.read_text()) if db.exists() else {}
     torch.set_num_threads(2)
-    for name in ids:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = parse_args([*CONFIGS[name], "--out-dir", tmp])
-            trainer = _Run(cfg, Distributed("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: _Run(parse_args([*CONFIGS[name], "--out-dir", f"{tmp}/{name}"]), Distributed("cpu"))
+                    for name in ids}
+        for trainer in trainers.values():
             for _ in range(5):
                 trainer.train_step()
-            times = []
-            for _ in range(rounds):
+        times = {name: [] for name in ids}
+        for _ in range(rounds):
+            for name, trainer in trainers.items():
                 start = time.perf_counter()
                 for _ in range(steps):
                     trainer.train_step()
-                times.append((time.perf_counter() - start) / steps * 1e3)
-            ms = sorted(times)[rounds // 2]
+                times[name].append((time.perf_counter() - start) / steps * 1e3)
+    for name in ids:
+        ms = sorted(times[name])[rounds // 2]
         results.setdefault(name, {"flags": CONFIGS[name]})["step_ms"] = ms
-        db.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"{name}: {ms:.1f} ms a step", flush=True)
+        print(f"{name}: {ms:.1f} ms a step (rounds {', '.join(f'{t:.0f}' for t in times[name])})", flush=True)
+    db.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def plot(db: Path, png: Path, marks: dict) -> None:
