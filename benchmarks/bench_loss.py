@@ -151,7 +151,7 @@ def main():
     print(header(f"Loss terms, forward + backward (fp32, gamma_0 = {args.gamma_0:g})", args.device))
     print(table(out, ["term", "B", "image", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s",
                      "GB/s"]))
-    print(f"GB/s: the least bytes a fused forward+backward must move, over its time (copy bandwidth above).")
+    print("GB/s: the least bytes a fused forward+backward must move, over its time (copy bandwidth above).")
 
 
 if __name__ == "__main__":
