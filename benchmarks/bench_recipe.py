@@ -94,8 +94,9 @@ def run(ids, work: Path, db: Path, threads: int) -> None:
 def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
     """Milliseconds per training step of each configuration, 2 threads: the median of ``rounds``
     rounds of ``steps`` steps, after 5 warm-up steps. The rounds of the configurations are
-    interleaved (round 1 of each, then round 2 of each, ...), so that the machine's drift, which
-    moves a 2-core cloud machine's speed by 10-15 % within minutes, falls on all of them alike."""
+    interleaved (round 1 of each, then round 2 of each, ...), so that the machine's drift (a
+    2-core cloud machine's speed moves within minutes: RESULTS.md, ninth session) falls on all of
+    them alike."""
     import torch
 
     from vdm_fast.config import parse_args
