@@ -103,6 +103,37 @@ def test_attention_block_rejects():
     assert torch.equal(ops.attention_block(x, *params, num_groups=4), reference(x, *params, 1, 4))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_block_runs_in_float32_under_low_precision(dtype):
+    """On the CPU a bf16 or float16 block, and a float32 one under autocast (as the trainer runs
+    it), computes in float32: its output is the float32 block's on the same inputs, rounded once
+    to x's dtype, and its gradients are the float32 gradients rounded to each input's dtype. A
+    block that ran its products in ``dtype`` misses those by that dtype's rounding. The reference
+    backend runs the reference in ``dtype``."""
+    torch.manual_seed(0)
+    x, params, dy = torch.randn(4, 32, 6, 6), _block_params(32), torch.randn(4, 32, 6, 6)
+    low = [t.to(dtype).requires_grad_() for t in (x, *params)]
+    y = ops.attention_block(*low, num_groups=8)
+    rounded = [t.detach().float().requires_grad_() for t in low]
+    y32 = ops.attention_block(*rounded, num_groups=8)
+    assert y.dtype == dtype and torch.equal(y, y32.to(dtype))
+    for g, g32 in zip(torch.autograd.grad(y, low, dy.to(dtype)), torch.autograd.grad(y32, rounded, dy.to(dtype).float())):
+        assert g.dtype == dtype and torch.equal(g, g32.to(dtype))
+    with backend.use("reference"):
+        assert torch.equal(ops.attention_block(*low, num_groups=8), reference(*low, 1, 8))
+
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    y32 = ops.attention_block(*leaves, num_groups=8)
+    grads32 = torch.autograd.grad(y32, leaves, dy)
+    with torch.autocast("cpu", dtype=dtype):
+        y_auto = ops.attention_block(*leaves, num_groups=8)
+    assert y_auto.dtype == torch.float32
+    assert_close(y_auto, y32, RTOL[torch.float32], "y under autocast")
+    for g, g32 in zip(torch.autograd.grad(y_auto, leaves, dy), grads32):
+        assert_close(g, g32, RTOL[torch.float32], "a gradient under autocast")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # (1, 512): past the kernels' head dims, the block's attention core is SDPA (kernels/attention_tiles.py).

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import RTOL, assert_close
 
-from vdm_fast import ops
+from vdm_fast import backend, ops
 from vdm_fast.reference.norm import group_norm_silu as reference
 
 triton_norm = pytest.importorskip("vdm_fast.kernels.norm", reason="triton is not installed")
@@ -89,6 +89,35 @@ def test_public_op_validates_and_matches_reference_on_cpu():
     with pytest.raises(ValueError, match="NCHW"):
         ops.group_norm_silu(x[0], weight, bias, 4)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("silu, cond", [(True, True), (False, False)])
+def test_cpu_group_norm_in_low_precision_matches_float64_reference(dtype, silu, cond):
+    """On the CPU a bf16 or float16 x runs PyTorch's group_norm in x's dtype (float32 weights,
+    float32 statistics inside), without the reference's casts: the output and every gradient in
+    the input's dtype, within that dtype's rounding of the float64 reference on the same rounded
+    inputs. Under autocast (as the trainer runs it) the same."""
+    x, weight, bias, c = _inputs(3, 16, 5, 7, torch.float32, cond)
+    leaves = [x.to(dtype).requires_grad_(), weight.requires_grad_(), bias.requires_grad_()]
+    if cond:
+        leaves.append(c.to(dtype).requires_grad_())
+    dy = torch.randn(x.shape).to(dtype)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = reference(*exact[:3], 8, 1e-6, silu, exact[3] if cond else None)
+    grads64 = torch.autograd.grad(y64, exact, dy.double())
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            y = ops.group_norm_silu(*leaves[:3], 8, silu=silu, cond=leaves[3] if cond else None)
+        assert y.dtype == dtype
+        assert_close(y, y64, RTOL[dtype], "y")
+        for g, leaf, g64, name in zip(torch.autograd.grad(y, leaves, dy), leaves, grads64,
+                                      ("dx", "dweight", "dbias", "dcond")):
+            assert g.dtype == leaf.dtype
+            assert_close(g, g64, RTOL[dtype] * 2, name)
+    with backend.use("reference"):
+        args = (*leaves[:3], 8, 1e-6, silu, leaves[3] if cond else None)
+        assert torch.equal(ops.group_norm_silu(*args[:4], silu=silu, cond=args[6]), reference(*args))
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

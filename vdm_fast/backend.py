@@ -4,7 +4,9 @@ Each op family (``loss``, ``schedule``, ``norm``, ``attention``) has up to three
 
 - ``"reference"``: ``vdm_fast.reference``, plain PyTorch, on any device and dtype;
 - ``"cpp"``: the C++/OpenMP CPU kernels of the compiled module ``vdm_fast._C``;
-- ``"triton"``: the Triton kernels of ``vdm_fast.kernels`` (CUDA).
+- ``"triton"``: the Triton kernels of ``vdm_fast.kernels`` (CUDA);
+- ``"torch"``: PyTorch's own CPU kernels (``norm``, ``attention``), each called in the precision
+  it runs fastest in on the CPU, which is not always the reference's (``TORCH_PRECISION``).
 
 ``implementation(family, device, dtype)`` returns the one that runs. The process-wide choice is
 ``VDM_FAST_BACKEND`` (``auto``, the default: the kernels where they exist; ``reference``: the
@@ -41,13 +43,18 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The kernels each family has, per device type; everything else runs the reference. The CPU
-# GroupNorm and attention are the reference's: PyTorch's own CPU kernels are one fused pass.
+# GroupNorm and attention are PyTorch's own CPU kernels (one fused pass each), called in the
+# precision that is fastest there for a bf16 or float16 tensor, as training under autocast gives
+# them (RESULTS.md, tenth session): the GroupNorm in x's dtype (its CPU kernel keeps float32
+# statistics; the reference's casts to float32 and back cost more than the norm), the attention
+# block in float32 (torch's bf16 CPU attention backward runs 3x slower than its float32 one).
 KERNELS = {
     "loss": {"cpu": "cpp", "cuda": "triton"},
     "schedule": {"cpu": "cpp", "cuda": "triton"},
-    "norm": {"cuda": "triton"},
-    "attention": {"cuda": "triton"},
+    "norm": {"cpu": "torch", "cuda": "triton"},
+    "attention": {"cpu": "torch", "cuda": "triton"},
 }
+TORCH_PRECISION = {"norm": "x's dtype", "attention": "float32"}
 # dtypes a family's kernels take, where they do not take every floating dtype.
 KERNEL_DTYPES = {"attention": (torch.float32, torch.bfloat16, torch.float16)}
 
@@ -82,11 +89,11 @@ def use(backend: str):
 
 
 def _available(impl: str) -> bool:
-    return (impl == "cpp" and cpu_kernels is not None) or (impl == "triton" and HAS_TRITON)
+    return impl == "torch" or (impl == "cpp" and cpu_kernels is not None) or (impl == "triton" and HAS_TRITON)
 
 
 def implementation(family: str, device: torch.device, dtype: torch.dtype = None) -> str:
-    """``"reference"``, ``"cpp"`` or ``"triton"``: what runs ``family``'s ops on ``device``."""
+    """``"reference"``, ``"cpp"``, ``"triton"`` or ``"torch"``: what runs ``family``'s ops on ``device``."""
     if _choice == "reference":
         return "reference"
     impl = KERNELS[family].get(device.type)
@@ -100,11 +107,11 @@ def implementation(family: str, device: torch.device, dtype: torch.dtype = None)
 def kernel_devices(family: str, impl: str) -> tuple:
     """The dispatch keys ``impl``'s kernels of ``family`` register under (``"CPU"``, ``"CUDA"``):
     where it exists here, plus the CPU for Triton under ``TRITON_INTERPRET=1`` where the family
-    has no CPU kernel of its own."""
+    has no compiled CPU kernel of its own."""
     if not _available(impl):
         return ()
     keys = tuple(d.upper() for d, i in KERNELS[family].items() if i == impl)
-    if impl == "triton" and TRITON_INTERPRETED and "cpu" not in KERNELS[family]:
+    if impl == "triton" and TRITON_INTERPRETED and KERNELS[family].get("cpu") != "cpp":
         keys += ("CPU",)
     return keys
 
@@ -116,6 +123,8 @@ def describe(family: str, device: torch.device, dtype: torch.dtype = None) -> st
         return "C++ (vdm_fast._C)"
     if impl == "triton":
         return "Triton"
+    if impl == "torch":
+        return f"PyTorch {device.type.upper()} kernels ({TORCH_PRECISION[family]})"
     if _choice == "reference":
         return "reference (backend)"
     wanted = KERNELS[family].get(device.type)

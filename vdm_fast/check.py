@@ -131,10 +131,10 @@ def main(argv=None):
     print(f"vdm_fast self-test on {device}: vdm_fast {vdm_fast.__version__} from {vdm_fast.__path__[0]}, "
           f"torch {torch.__version__}, backend {backend.current()}, build {backend.build_info()}")
     rows = check(device, timing=not args.no_timing)
-    print(f"{'op':<20} {'dtype':<9} {'implementation':<34} {'max rel err':>11} {'tolerance':>9} {'ref/fused':>9}  "
+    print(f"{'op':<20} {'dtype':<9} {'implementation':<36} {'max rel err':>11} {'tolerance':>9} {'ref/fused':>9}  "
           "result")
     for op, dtype, impl, error, tol, speedup, ok, failure in rows:
-        print(f"{op:<20} {dtype:<9} {impl:<34} {error:>11.2e} {tol:>9.0e} {speedup:>8.1f}x  "
+        print(f"{op:<20} {dtype:<9} {impl:<36} {error:>11.2e} {tol:>9.0e} {speedup:>8.1f}x  "
               f"{'ok' if ok else 'FAIL ' + failure}")
     failed = sum(not r[6] for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")

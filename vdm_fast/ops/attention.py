@@ -6,9 +6,10 @@ projection is one GEMM, the attention core is ``vdm_fast::flash_attention`` (onl
 log-sum-exp saved, probabilities recomputed in backward; the ``(HW)^2`` matrix never exists),
 and the residual is the ``C`` operand of the output projection's GEMM (``addmm``), so it is
 added in that GEMM's epilogue. Where ``vdm_fast.backend`` says so (CUDA tensors of float32,
-bfloat16 or float16) this path runs; everything else runs the reference. Head dims the kernels
-cannot hold in registers (``kernels/attention_tiles.py``: per dtype, and for float32 per torch's
-TF32 setting) take ``torch.nn.functional.scaled_dot_product_attention`` as the attention core.
+bfloat16 or float16) this path runs; on the CPU the reference block runs in float32 (PyTorch's
+own CPU kernels) and returns x's dtype; float64 and the reference backend run the reference.
+Head dims the kernels cannot hold in registers (``kernels/attention_tiles.py``: per dtype, and
+for float32 per torch's TF32 setting) take ``torch.nn.functional.scaled_dot_product_attention`` as the attention core.
 """
 
 import functools
@@ -109,7 +110,13 @@ def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Te
     _validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
                         ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))],
                        "x", x)
-    if backend.implementation("attention", x.device, x.dtype) != "reference":
+    impl = backend.implementation("attention", x.device, x.dtype)
+    if impl == "triton":
         return _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads,
                                       num_groups, eps)
-    return ref.attention_block(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads, num_groups, eps)
+    params = (norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out)
+    if impl == "torch":  # in float32, autocast or not (vdm_fast.backend.KERNELS says why)
+        with torch.autocast(x.device.type, enabled=False):
+            y = ref.attention_block(x.float(), *(p.float() for p in params), num_heads, num_groups, eps)
+        return y.to(x.dtype)
+    return ref.attention_block(x, *params, num_heads, num_groups, eps)

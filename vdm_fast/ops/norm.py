@@ -2,14 +2,15 @@
 ``vdm_fast.reference.norm``; kernels: ``kernels/norm.py``).
 
 ``vdm_fast::group_norm_silu`` has Triton kernels only (registered for CUDA, and for CPU tensors
-under ``TRITON_INTERPRET=1``, for the tests); ``vdm_fast.backend`` sends everything else to the
-reference composition, which on the CPU is what PyTorch's own group_norm kernel does anyway.
+under ``TRITON_INTERPRET=1``, for the tests). On the CPU ``vdm_fast.backend`` sends it to
+PyTorch's own group_norm and silu kernels in x's dtype; the reference backend runs the reference.
 """
 
 import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vdm_fast import backend
@@ -104,6 +105,21 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
         if cond.shape != (B, C):
             raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
         _validate.same_device("cond", cond, "x", x)
-    if backend.implementation("norm", x.device, x.dtype) != "reference":
+    impl = backend.implementation("norm", x.device, x.dtype)
+    if impl == "triton":
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
+    if impl == "torch":
+        return _group_norm_silu_torch(x, weight, bias, num_groups, eps, silu, cond)
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)
+
+
+def _group_norm_silu_torch(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, silu: bool,
+                           cond: Optional[Tensor]) -> Tensor:
+    """PyTorch's CPU kernels in ``x``'s dtype: the reference's math, except that a bf16 or float16
+    ``x`` is normalised in its own dtype (float32 statistics inside torch's kernel, float32
+    weights) and rounded before the swish as well as after it (vdm_fast.backend.KERNELS says why)."""
+    if cond is not None:
+        x = x + cond[:, :, None, None].to(x.dtype)
+    params = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = F.group_norm(x, num_groups, weight.to(params), bias.to(params), eps)
+    return F.silu(h) if silu else h
