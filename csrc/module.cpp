@@ -14,6 +14,7 @@
 #endif
 
 #include "loss.h"
+#include "norm.h"
 #include "schedule.h"
 
 namespace py = pybind11;
@@ -39,6 +40,20 @@ void with_dtype(const std::string& dtype, F&& f) {
 }
 
 #define VDM_T std::remove_pointer_t<decltype(tag)>
+
+// The GroupNorm's storage dtypes: also "bfloat16" (its weights and statistics are float32).
+template <typename F>
+void with_norm_dtype(const std::string& dtype, F&& f) {
+  if (dtype == "bfloat16")
+    f(static_cast<vdm::bf16*>(nullptr));
+  else
+    with_dtype(dtype, f);
+}
+
+template <typename T>
+const T* optional(Addr p) {
+  return p ? reinterpret_cast<const T*>(p) : nullptr;
+}
 
 py::dict build_info() {
   py::dict info;
@@ -147,6 +162,30 @@ PYBIND11_MODULE(_C, m) {
       vdm::nnet_backward_cpu<T>(ptr<T>(t), ptr<T>(w1), ptr<T>(b1), ptr<T>(w2), ptr<T>(b2), ptr<T>(w3),
                                 ptr<T>(gg), ptr<T>(gd), ptr<T>(gt), ptr<T>(gw1), ptr<T>(gb1),
                                 ptr<T>(gw2), ptr<T>(gb2), ptr<T>(gw3), B, n);
+    });
+  }, nogil);
+  // cond (and dcond) 0 without conditioning; w, b, mean, rstd, dw, db in float32 (float64 for
+  // float64 x).
+  m.def("group_norm_forward_cpu", [](Addr x, Addr cond, Addr w, Addr b, Addr y, Addr mean, Addr rstd,
+                                     int64_t B, int64_t C, int64_t HW, int64_t G, double eps, bool silu,
+                                     bool channels_last, const std::string& dtype) {
+    with_norm_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      using A = vdm::compute_t<T>;
+      vdm::group_norm_forward_cpu<T>(ptr<T>(x), optional<T>(cond), ptr<A>(w), ptr<A>(b), ptr<T>(y), ptr<A>(mean),
+                                     ptr<A>(rstd), B, C, HW, G, eps, silu, channels_last);
+    });
+  }, nogil);
+  m.def("group_norm_backward_cpu", [](Addr dy, Addr x, Addr cond, Addr w, Addr b, Addr mean, Addr rstd,
+                                      Addr dx, Addr dw, Addr db, Addr dcond, int64_t B, int64_t C,
+                                      int64_t HW, int64_t G, bool silu, bool channels_last,
+                                      const std::string& dtype) {
+    with_norm_dtype(dtype, [&](auto* tag) {
+      using T = VDM_T;
+      using A = vdm::compute_t<T>;
+      vdm::group_norm_backward_cpu<T>(ptr<T>(dy), ptr<T>(x), optional<T>(cond), ptr<A>(w), ptr<A>(b),
+                                      ptr<A>(mean), ptr<A>(rstd), ptr<T>(dx), ptr<A>(dw), ptr<A>(db),
+                                      dcond ? ptr<T>(dcond) : nullptr, B, C, HW, G, silu, channels_last);
     });
   }, nogil);
 }

@@ -10,10 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
-// Loops that call these functions are cloned for AVX-512 and AVX2 with a run-time pick, so one
-// build is fast on current x86 CPUs and still runs on any.
+// Loops that call these functions are cloned for AVX-512 (x86-64-v4: with AVX512BW, without
+// which GCC keeps bfloat16's 16-bit loads and stores scalar) and AVX2 (x86-64-v3) with a
+// run-time pick, so one build is fast on current x86 CPUs and still runs on any.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VDM_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define VDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VDM_CLONES
 #endif

@@ -78,9 +78,9 @@ def test_fused_unet_matches_reference_unet(monkeypatch):
     with backend.use("reference"):
         reference_out, reference_grads = run()
 
-    # On the CPU the backend takes the reference for both families: send them to the Triton
-    # kernels, which the interpreter runs (their ops are registered for the CPU under it).
-    monkeypatch.setitem(backend.KERNELS["norm"], "cpu", "triton")
+    # On the CPU the attention block runs PyTorch's kernels: send it to the Triton kernels, which
+    # the interpreter runs (their ops are registered for the CPU under it); the GroupNorms run
+    # the C++ kernels.
     monkeypatch.setitem(backend.KERNELS["attention"], "cpu", "triton")
     with backend.use("reference"):  # the switch reaches every block
         assert_close(run()[0], reference_out, 0.0, "reference ops")

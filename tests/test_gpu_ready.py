@@ -220,10 +220,9 @@ def test_the_detector_catches_a_host_copy():
 def test_the_fused_training_step_copies_nothing_from_the_host(monkeypatch):
     """A VDM training step (U-Net with attention, pinned learned schedule, forward and backward)
     on the fused ops, as a CUDA graph captures it: nothing the ops do between the kernels makes
-    a tensor from host data or reads one back. (On the CPU the norm and attention ops run their
-    Triton kernels under the interpreter, the loss and schedule ops their C++ kernels; the mode
+    a tensor from host data or reads one back. (On the CPU the attention op runs its Triton
+    kernels under the interpreter, the loss, schedule and norm ops their C++ kernels; the mode
     sees the ops and the Python around them, not the kernels' insides.)"""
-    monkeypatch.setitem(backend.KERNELS["norm"], "cpu", "triton")
     monkeypatch.setitem(backend.KERNELS["attention"], "cpu", "triton")
     monkeypatch.setattr(_validate, "values_readable", lambda t: False)  # as under capture
     net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0, attention="middle")

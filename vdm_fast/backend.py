@@ -5,8 +5,8 @@ Each op family (``loss``, ``schedule``, ``norm``, ``attention``) has up to three
 - ``"reference"``: ``vdm_fast.reference``, plain PyTorch, on any device and dtype;
 - ``"cpp"``: the C++/OpenMP CPU kernels of the compiled module ``vdm_fast._C``;
 - ``"triton"``: the Triton kernels of ``vdm_fast.kernels`` (CUDA);
-- ``"torch"``: PyTorch's own CPU kernels (``norm``, ``attention``), each called in the precision
-  it runs fastest in on the CPU, which is not always the reference's (``TORCH_PRECISION``).
+- ``"torch"``: PyTorch's own CPU kernels (``attention``), called in float32 whatever the
+  input's dtype, where that is faster than the reference's bf16.
 
 ``implementation(family, device, dtype)`` returns the one that runs. The process-wide choice is
 ``VDM_FAST_BACKEND`` (``auto``, the default: the kernels where they exist; ``reference``: the
@@ -43,20 +43,21 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The kernels each family has, per device type; everything else runs the reference. The CPU
-# GroupNorm and attention are PyTorch's own CPU kernels (one fused pass each), called in the
-# precision that is fastest there for a bf16 or float16 tensor, as training under autocast gives
-# them (RESULTS.md, tenth session): the GroupNorm in x's dtype (its CPU kernel keeps float32
-# statistics; the reference's casts to float32 and back cost more than the norm), the attention
-# block in float32 (torch's bf16 CPU attention backward runs 3x slower than its float32 one).
+# attention block is PyTorch's own CPU kernels in float32, even for the bf16 tensors that
+# training under autocast gives it: torch's bf16 CPU attention backward runs 3x slower than its
+# float32 one at the U-Net's shapes (RESULTS.md, tenth session).
 KERNELS = {
     "loss": {"cpu": "cpp", "cuda": "triton"},
     "schedule": {"cpu": "cpp", "cuda": "triton"},
-    "norm": {"cpu": "torch", "cuda": "triton"},
+    "norm": {"cpu": "cpp", "cuda": "triton"},
     "attention": {"cpu": "torch", "cuda": "triton"},
 }
-TORCH_PRECISION = {"norm": "x's dtype", "attention": "float32"}
-# dtypes a family's kernels take, where they do not take every floating dtype.
-KERNEL_DTYPES = {"attention": (torch.float32, torch.bfloat16, torch.float16)}
+# dtypes an implementation of a family takes, where it does not take every floating dtype.
+KERNEL_DTYPES = {
+    ("attention", "triton"): (torch.float32, torch.bfloat16, torch.float16),
+    ("attention", "torch"): (torch.float32, torch.bfloat16, torch.float16),  # float64 stays float64
+    ("norm", "cpp"): (torch.float32, torch.float64, torch.bfloat16),
+}
 
 
 def _from_environment() -> str:
@@ -99,7 +100,7 @@ def implementation(family: str, device: torch.device, dtype: torch.dtype = None)
     impl = KERNELS[family].get(device.type)
     if impl is None or not _available(impl):
         return "reference"
-    if dtype is not None and dtype not in KERNEL_DTYPES.get(family, (dtype,)):
+    if dtype is not None and dtype not in KERNEL_DTYPES.get((family, impl), (dtype,)):
         return "reference"
     return impl
 
@@ -124,7 +125,7 @@ def describe(family: str, device: torch.device, dtype: torch.dtype = None) -> st
     if impl == "triton":
         return "Triton"
     if impl == "torch":
-        return f"PyTorch {device.type.upper()} kernels ({TORCH_PRECISION[family]})"
+        return f"PyTorch {device.type.upper()} kernels (float32)"
     if _choice == "reference":
         return "reference (backend)"
     wanted = KERNELS[family].get(device.type)

@@ -327,9 +327,12 @@ class _Run:
             model = build_model(cfg, self.shape, self.ds.vocab_size, self.ds.num_classes).to(self.device)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
-        if self.device.type == "cuda":
+        bf16 = cfg.bf16 and backend.native_bf16(self.device)
+        # channels_last where the convolutions run in NHWC (cuDNN; oneDNN in bf16): an NCHW
+        # tensor would be reordered at every convolution (RESULTS.md, tenth session).
+        if self.device.type == "cuda" or bf16:
             model = model.to(memory_format=torch.channels_last)
-        if cfg.bf16 and backend.native_bf16(self.device):
+        if bf16:
             model.autocast_dtype = torch.bfloat16  # the score network only
         self.model, self.params = model, list(model.parameters())
         self.ema = [p.detach().clone() for p in self.params]

@@ -1,23 +1,24 @@
 """GroupNorm (+ swish, + conditioning add) of the U-Net as a fused op (math:
-``vdm_fast.reference.norm``; kernels: ``kernels/norm.py``).
+``vdm_fast.reference.norm``; kernels: ``csrc/norm.*`` and ``kernels/norm.py``).
 
-``vdm_fast::group_norm_silu`` has Triton kernels only (registered for CUDA, and for CPU tensors
-under ``TRITON_INTERPRET=1``, for the tests). On the CPU ``vdm_fast.backend`` sends it to
-PyTorch's own group_norm and silu kernels in x's dtype; the reference backend runs the reference.
+``vdm_fast::group_norm_silu`` runs the C++ kernels on the CPU (float32, float64, bfloat16) and
+the Triton kernels on CUDA (also registered for CPU tensors under ``TRITON_INTERPRET=1`` where
+``vdm_fast._C`` is absent, for the tests); one pass reads ``x`` in its layout (NCHW or
+channels_last) and dtype, with float32 statistics and weights, and writes ``y`` in both.
 """
 
 import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vdm_fast import backend
 from vdm_fast.ops import _validate
-from vdm_fast.ops._library import kernel_op
+from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import norm as ref
 
+_C = backend.cpu_kernels
 _triton = functools.partial(backend.triton_kernels, "norm")
 
 
@@ -28,6 +29,33 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cpu_args(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor]):
+    """The C++ kernels' operands: x in its layout, cond in x's dtype, the weights in the
+    statistics' dtype."""
+    layout = _memory_format(x)
+    stats = _stats_dtype(x)
+    cond = None if cond is None else cond.to(x.dtype).contiguous()
+    return (x.contiguous(memory_format=layout), cond, weight.to(stats).contiguous(), bias.to(stats).contiguous(),
+            layout)
+
+
+def _group_norm_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
+                         eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x, cond, w, b, layout = _cpu_args(x, weight, bias, cond)
+    B, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=layout)
+    mean = torch.empty(B, num_groups, dtype=_stats_dtype(x))
+    rstd = torch.empty_like(mean)
+    _C.group_norm_forward_cpu(x.data_ptr(), 0 if cond is None else cond.data_ptr(), w.data_ptr(), b.data_ptr(),
+                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), B, C, H * W, num_groups, eps, silu,
+                              layout == torch.channels_last, dtype_name(x.dtype))
+    return y, mean, rstd
+
+
 def _group_norm_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
                             eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     cond = None if cond is None else cond.contiguous()
@@ -35,17 +63,32 @@ def _group_norm_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, cond: Optio
                                              bias.contiguous(), cond, num_groups, eps, silu)
 
 
-_group_norm_silu = kernel_op("group_norm_silu", "norm", triton=_group_norm_silu_triton)
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+_group_norm_silu = kernel_op("group_norm_silu", "norm", cpu=_group_norm_silu_cpu, triton=_group_norm_silu_triton)
 
 
 @_group_norm_silu.register_fake
 def _(x, weight, bias, cond, num_groups, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
     return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+
+
+def _group_norm_silu_backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
+                                  mean: Tensor, rstd: Tensor, num_groups: int,
+                                  silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, dcond)`` in the inputs' dtypes; ``dcond`` is empty without conditioning."""
+    xc, condc, w, b, layout = _cpu_args(x, weight, bias, cond)
+    B, C, H, W = x.shape
+    dy = dy.to(x.dtype).contiguous(memory_format=layout)
+    dx = torch.empty_like(xc, memory_format=layout)
+    dw, db = torch.empty_like(w), torch.empty_like(b)
+    dcond = x.new_empty(0) if cond is None else torch.empty_like(condc)
+    _C.group_norm_backward_cpu(dy.data_ptr(), xc.data_ptr(), 0 if cond is None else condc.data_ptr(), w.data_ptr(),
+                               b.data_ptr(), mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(), dx.data_ptr(),
+                               dw.data_ptr(), db.data_ptr(), 0 if cond is None else dcond.data_ptr(), B, C, H * W,
+                               num_groups, silu, layout == torch.channels_last, dtype_name(x.dtype))
+    if cond is not None:
+        dcond = dcond.to(cond.dtype)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype), dcond
 
 
 def _group_norm_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
@@ -60,7 +103,8 @@ def _group_norm_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias
     return dx, dw, db, dcond if dcond is not None else x.new_empty(0)
 
 
-_group_norm_silu_backward = kernel_op("group_norm_silu_backward", "norm", triton=_group_norm_silu_backward_triton)
+_group_norm_silu_backward = kernel_op("group_norm_silu_backward", "norm", cpu=_group_norm_silu_backward_cpu,
+                                      triton=_group_norm_silu_backward_triton)
 
 
 @_group_norm_silu_backward.register_fake
@@ -105,21 +149,7 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
         if cond.shape != (B, C):
             raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
         _validate.same_device("cond", cond, "x", x)
-    impl = backend.implementation("norm", x.device, x.dtype)
-    if impl == "triton":
+    if backend.implementation("norm", x.device, x.dtype) != "reference":
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
-    if impl == "torch":
-        return _group_norm_silu_torch(x, weight, bias, num_groups, eps, silu, cond)
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)
 
-
-def _group_norm_silu_torch(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, silu: bool,
-                           cond: Optional[Tensor]) -> Tensor:
-    """PyTorch's CPU kernels in ``x``'s dtype: the reference's math, except that a bf16 or float16
-    ``x`` is normalised in its own dtype (float32 statistics inside torch's kernel, float32
-    weights) and rounded before the swish as well as after it (vdm_fast.backend.KERNELS says why)."""
-    if cond is not None:
-        x = x + cond[:, :, None, None].to(x.dtype)
-    params = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = F.group_norm(x, num_groups, weight.to(params), bias.to(params), eps)
-    return F.silu(h) if silu else h

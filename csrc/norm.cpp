@@ -1,0 +1,303 @@
+// C++ CPU kernels of the fused GroupNorm (+ conditioning, + swish); math in norm.h.
+#include "norm.h"
+#include "vec_math.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace vdm {
+namespace {
+
+// Loads to and stores from the compute type. bfloat16 rounds to nearest even, and a NaN stays
+// a (quiet) NaN; it is stored through its 16-bit pattern (GCC does not vectorise stores of the
+// struct).
+template <typename T> struct IO {
+  static inline T load(T v) { return v; }
+  static inline void put(T* p, int64_t i, T v) { p[i] = v; }
+};
+template <> struct IO<bf16> {
+  static inline float load(bf16 v) {
+    const uint32_t bits = uint32_t(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static inline void put(bf16* p, int64_t i, float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
+  }
+};
+
+template <typename A>
+inline A silu_grad(A u) {
+  const A s = vsigmoid(u);
+  return s * (A(1) + u * (A(1) - s));
+}
+
+// The loops over one example's elements. NCHW reads a channel's run of HW values, channels_last
+// a position's run of C values; per-channel constants are arrays indexed by the channel. Plain
+// loops with no calls through function objects, so that GCC vectorises each (cloned per
+// instruction set, VDM_CLONES).
+
+// sums[c] = sum_i (x[c, i] + off[c])^p, p = 1 (off unused) or 2.
+template <bool CL, bool SQUARE, typename T>
+VDM_CLONES void channel_sums(const T* x, const double* off, int64_t C, int64_t HW, double* sums) {
+  if constexpr (CL) {
+    for (int64_t c = 0; c < C; ++c) sums[c] = 0;
+    for (int64_t i = 0; i < HW; ++i) {
+      const T* row = x + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = IO<T>::load(row[c]);
+        sums[c] += SQUARE ? (v + off[c]) * (v + off[c]) : v;
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* run = x + c * HW;
+      const double o = SQUARE ? off[c] : 0.0;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < HW; ++i) {
+        const double v = IO<T>::load(run[i]);
+        s += SQUARE ? (v + o) * (v + o) : v;
+      }
+      sums[c] = s;
+    }
+  }
+}
+
+// y = silu(x scale[c] + shift[c]) (or without the swish), a run at a time through a buffer of
+// the compute type: GCC vectorises the swish and the bfloat16 rounding as two loops, not as one.
+template <bool CL, bool SILU, typename T, typename A>
+VDM_CLONES void normalise(const T* x, const A* scale, const A* shift, T* y, int64_t C, int64_t HW, A* buf) {
+  if constexpr (CL) {
+    for (int64_t i = 0; i < HW; ++i) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A u = IO<T>::load(x[i * C + c]) * scale[c] + shift[c];
+        buf[c] = SILU ? u * vsigmoid(u) : u;
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) IO<T>::put(y, i * C + c, buf[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const A sc = scale[c], sh = shift[c];
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) {
+        const A u = IO<T>::load(x[c * HW + i]) * sc + sh;
+        buf[i] = SILU ? u * vsigmoid(u) : u;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) IO<T>::put(y, c * HW + i, buf[i]);
+    }
+  }
+}
+
+// s1[c] = sum_i du, s2[c] = sum_i du xhat, with u = x scale + shift, xhat = x xa + xb.
+template <bool CL, bool SILU, typename T, typename A>
+VDM_CLONES void grad_sums(const T* x, const T* dy, const A* scale, const A* shift, const A* xa, const A* xb,
+                          int64_t C, int64_t HW, double* s1, double* s2) {
+  if constexpr (CL) {
+    for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
+    for (int64_t i = 0; i < HW; ++i)
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = IO<T>::load(x[i * C + c]), d = IO<T>::load(dy[i * C + c]);
+        const A du = SILU ? d * silu_grad(v * scale[c] + shift[c]) : d;
+        s1[c] += double(du);
+        s2[c] += double(du * (v * xa[c] + xb[c]));
+      }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const A sc = scale[c], sh = shift[c], a = xa[c], b = xb[c];
+      double t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+      for (int64_t i = 0; i < HW; ++i) {
+        const A v = IO<T>::load(x[c * HW + i]), d = IO<T>::load(dy[c * HW + i]);
+        const A du = SILU ? d * silu_grad(v * sc + sh) : d;
+        t1 += double(du);
+        t2 += double(du * (v * a + b));
+      }
+      s1[c] = t1;
+      s2[c] = t2;
+    }
+  }
+}
+
+// dx = du k1[c] + k0[c] + xhat kx[c]; sums[c] = sum_i dx (before rounding to T).
+template <bool CL, bool SILU, typename T, typename A>
+VDM_CLONES void input_grad(const T* x, const T* dy, const A* scale, const A* shift, const A* xa, const A* xb,
+                           const A* k1, const A* k0, const A* kx, T* dx, int64_t C, int64_t HW, double* sums) {
+  if constexpr (CL) {
+    for (int64_t c = 0; c < C; ++c) sums[c] = 0;
+    for (int64_t i = 0; i < HW; ++i)
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = IO<T>::load(x[i * C + c]), d = IO<T>::load(dy[i * C + c]);
+        const A du = SILU ? d * silu_grad(v * scale[c] + shift[c]) : d;
+        const A g = du * k1[c] + k0[c] + (v * xa[c] + xb[c]) * kx[c];
+        IO<T>::put(dx, i * C + c, g);
+        sums[c] += double(g);
+      }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const A sc = scale[c], sh = shift[c], a = xa[c], b = xb[c], q1 = k1[c], q0 = k0[c], qx = kx[c];
+      double t = 0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t i = 0; i < HW; ++i) {
+        const A v = IO<T>::load(x[c * HW + i]), d = IO<T>::load(dy[c * HW + i]);
+        const A du = SILU ? d * silu_grad(v * sc + sh) : d;
+        const A g = du * q1 + q0 + (v * a + b) * qx;
+        IO<T>::put(dx, c * HW + i, g);
+        t += double(g);
+      }
+      sums[c] = t;
+    }
+  }
+}
+
+template <bool CL, typename T>
+void forward_example(const T* x, const T* cond, const compute_t<T>* w, const compute_t<T>* b, T* y,
+                     compute_t<T>* mean, compute_t<T>* rstd, int64_t C, int64_t HW, int64_t G, double eps,
+                     bool silu) {
+  using A = compute_t<T>;
+  const int64_t cpg = C / G;
+  const double n = double(cpg) * double(HW);
+  std::vector<double> sums(C), offset(C);
+  std::vector<A> scale(C), shift(C);
+  auto cond_of = [&](int64_t c) { return cond ? double(IO<T>::load(cond[c])) : 0.0; };
+  channel_sums<CL, false>(x, offset.data(), C, HW, sums.data());
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c] + double(HW) * cond_of(c);
+    const double m = s / n;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) offset[c] = cond_of(c) - m;
+    mean[g] = A(m);
+  }
+  channel_sums<CL, true>(x, offset.data(), C, HW, sums.data());
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c];
+    const double r = 1.0 / std::sqrt(s / n + eps);
+    rstd[g] = A(r);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      scale[c] = A(r * double(w[c]));
+      shift[c] = A(double(b[c]) + offset[c] * r * double(w[c]));
+    }
+  }
+  std::vector<A> buf(CL ? C : HW);
+  if (silu)
+    normalise<CL, true>(x, scale.data(), shift.data(), y, C, HW, buf.data());
+  else
+    normalise<CL, false>(x, scale.data(), shift.data(), y, C, HW, buf.data());
+}
+
+template <bool CL, typename T>
+void backward_example(const T* dy, const T* x, const T* cond, const compute_t<T>* w, const compute_t<T>* b,
+                      const compute_t<T>* mean, const compute_t<T>* rstd, T* dx, double* dw, double* db,
+                      T* dcond, int64_t C, int64_t HW, int64_t G, bool silu) {
+  using A = compute_t<T>;
+  const int64_t cpg = C / G;
+  const double n = double(cpg) * double(HW);
+  std::vector<A> scale(C), shift(C), xa(C), xb(C), k1(C), k0(C), kx(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t g = c / cpg;
+    const double r = rstd[g], o = (cond ? double(IO<T>::load(cond[c])) : 0.0) - double(mean[g]);
+    xa[c] = A(r);  // xhat = x xa + xb
+    xb[c] = A(o * r);
+    scale[c] = A(r * double(w[c]));  // u = x scale + shift
+    shift[c] = A(double(b[c]) + o * r * double(w[c]));
+  }
+  if (silu)
+    grad_sums<CL, true>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw);
+  else
+    grad_sums<CL, false>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw);
+  for (int64_t g = 0; g < G; ++g) {
+    double a = 0, bb = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      a += double(w[c]) * db[c];
+      bb += double(w[c]) * dw[c];
+    }
+    const double r = rstd[g];
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      k1[c] = A(r * double(w[c]));  // dx = du k1 + k0 + xhat kx
+      k0[c] = A(-r * a / n);
+      kx[c] = A(-r * bb / n);
+    }
+  }
+  std::vector<double> sums(C);  // sum_hw dv: the conditioning's gradient
+  if (silu)
+    input_grad<CL, true>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), k1.data(), k0.data(), kx.data(),
+                         dx, C, HW, sums.data());
+  else
+    input_grad<CL, false>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), k1.data(), k0.data(), kx.data(),
+                          dx, C, HW, sums.data());
+  if (dcond)
+    for (int64_t c = 0; c < C; ++c) IO<T>::put(dcond, c, A(sums[c]));
+}
+
+}  // namespace
+
+template <typename T>
+void group_norm_forward_cpu(const T* x, const T* cond, const compute_t<T>* w, const compute_t<T>* b, T* y,
+                            compute_t<T>* mean, compute_t<T>* rstd, int64_t B, int64_t C, int64_t HW,
+                            int64_t G, double eps, bool silu, bool channels_last) {
+  const int64_t D = C * HW;
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < B; ++e) {
+    const T* ce = cond ? cond + e * C : nullptr;
+    if (channels_last)
+      forward_example<true>(x + e * D, ce, w, b, y + e * D, mean + e * G, rstd + e * G, C, HW, G, eps, silu);
+    else
+      forward_example<false>(x + e * D, ce, w, b, y + e * D, mean + e * G, rstd + e * G, C, HW, G, eps, silu);
+  }
+}
+
+template <typename T>
+void group_norm_backward_cpu(const T* dy, const T* x, const T* cond, const compute_t<T>* w,
+                             const compute_t<T>* b, const compute_t<T>* mean, const compute_t<T>* rstd, T* dx,
+                             compute_t<T>* dw, compute_t<T>* db, T* dcond, int64_t B, int64_t C, int64_t HW,
+                             int64_t G, bool silu, bool channels_last) {
+  const int64_t D = C * HW;
+  std::vector<double> pw(B * C), pb(B * C);  // per-example partials of dw, db
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < B; ++e) {
+    const T* ce = cond ? cond + e * C : nullptr;
+    T* dce = dcond ? dcond + e * C : nullptr;
+    if (channels_last)
+      backward_example<true>(dy + e * D, x + e * D, ce, w, b, mean + e * G, rstd + e * G, dx + e * D,
+                             pw.data() + e * C, pb.data() + e * C, dce, C, HW, G, silu);
+    else
+      backward_example<false>(dy + e * D, x + e * D, ce, w, b, mean + e * G, rstd + e * G, dx + e * D,
+                              pw.data() + e * C, pb.data() + e * C, dce, C, HW, G, silu);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double sw = 0, sb = 0;
+    for (int64_t e = 0; e < B; ++e) {
+      sw += pw[e * C + c];
+      sb += pb[e * C + c];
+    }
+    dw[c] = compute_t<T>(sw);
+    db[c] = compute_t<T>(sb);
+  }
+}
+
+#define VDM_NORM_INSTANTIATE(T)                                                                              \
+  template void group_norm_forward_cpu<T>(const T*, const T*, const compute_t<T>*, const compute_t<T>*, T*,   \
+                                          compute_t<T>*, compute_t<T>*, int64_t, int64_t, int64_t, int64_t,   \
+                                          double, bool, bool);                                               \
+  template void group_norm_backward_cpu<T>(const T*, const T*, const T*, const compute_t<T>*,                 \
+                                           const compute_t<T>*, const compute_t<T>*, const compute_t<T>*, T*, \
+                                           compute_t<T>*, compute_t<T>*, T*, int64_t, int64_t, int64_t,       \
+                                           int64_t, bool, bool);
+VDM_NORM_INSTANTIATE(float)
+VDM_NORM_INSTANTIATE(double)
+VDM_NORM_INSTANTIATE(bf16)
+
+}  // namespace vdm
