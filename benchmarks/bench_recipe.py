@@ -55,6 +55,9 @@ CONFIGS = {
     "l0lr4": ["--n-layer", "0", "--lr", "4e-3"],
     "default-v": ["--prediction", "v"],
     "default-lr4s3600": ["--lr", "4e-3", "--steps", "3600"],
+    # tenth session (AMX-BF16 machine): the default on the reference ops (no C++ GroupNorm, the
+    # attention in bf16), for the step time the CPU kernels save
+    "default-ref": ["--ops", "reference"],
 }
 
 
@@ -97,26 +100,36 @@ def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
     interleaved (round 1 of each, then round 2 of each, ...), so that the machine's drift (a
     2-core cloud machine's speed moves within minutes: RESULTS.md, ninth session) falls on all of
     them alike."""
+    import contextlib
+
     import torch
 
+    from vdm_fast import backend
     from vdm_fast.config import parse_args
     from vdm_fast.train import Distributed, _Run
 
     results = json.loads(db.read_text()) if db.exists() else {}
     torch.set_num_threads(2)
+    cfgs = {name: parse_args(CONFIGS[name]) for name in ids}
+
+    def ops(name):  # --ops reference, as the trainer applies it around its run
+        return backend.use("reference") if cfgs[name].ops == "reference" else contextlib.nullcontext()
+
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: _Run(parse_args([*CONFIGS[name], "--out-dir", f"{tmp}/{name}"]), Distributed("cpu"))
                     for name in ids}
-        for trainer in trainers.values():
-            for _ in range(5):
-                trainer.train_step()
+        for name, trainer in trainers.items():
+            with ops(name):
+                for _ in range(5):
+                    trainer.train_step()
         times = {name: [] for name in ids}
         for _ in range(rounds):
             for name, trainer in trainers.items():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    trainer.train_step()
-                times[name].append((time.perf_counter() - start) / steps * 1e3)
+                with ops(name):
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        trainer.train_step()
+                    times[name].append((time.perf_counter() - start) / steps * 1e3)
     for name in ids:
         ms = sorted(times[name])[rounds // 2]
         results.setdefault(name, {"flags": CONFIGS[name]})["step_ms"] = ms

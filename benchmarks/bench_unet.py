@@ -1,13 +1,14 @@
-"""U-Net blocks, forward + backward: the reference eager, ``torch.compile`` of the reference, and
-the fused op, side by side in one run, with peak memory.
+"""U-Net blocks, forward + backward: the reference eager, ``torch.compile`` of the reference, the
+plain torch a user would write (GroupNorm: ``silu(group_norm(x + cond))`` in x's dtype, no
+casts), and the fused op, side by side in one run, with peak memory.
 
     python benchmarks/bench_unet.py [--device cpu|cuda] [--batch B]
 
 CUDA: bf16, C = 128 at 32x32 and 64x64 (the CIFAR-10 U-Net's blocks), NCHW and channels_last,
-and a whole CIFAR-10 U-Net training step. CPU: fp32, the digits model's blocks (C = 64, 8x8)
-and a CIFAR-10 block (C = 128, 32x32). On the CPU the fused ops run the reference composition
-(torch's own group_norm and scaled_dot_product_attention kernels; the Triton kernels are for
-GPUs), so there the rows show what ``torch.compile`` would add.
+and a whole CIFAR-10 U-Net training step. CPU: the digits model's blocks (C = 64, 8x8) in fp32
+NCHW and, as its bf16 training runs them, in bf16 NCHW and channels_last; a CIFAR-10 block
+(C = 128, 32x32) in fp32 NCHW and bf16 channels_last. On the CPU the GroupNorm runs the C++
+kernels and the attention block the reference in float32 (vdm_fast.backend says why).
 
 GroupNorm+SiLU also reports GB/s (x and y forward; x, dy and dx backward) against the measured
 copy bandwidth.
@@ -16,6 +17,7 @@ copy bandwidth.
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from vdm_fast import backend
 from vdm_fast import nn as vnn
@@ -37,9 +39,11 @@ def fwd_bwd(fn, *inputs):
     return step
 
 
-def implementations(reference, fused, *inputs):
-    return {"reference": fwd_bwd(reference, *inputs), "reference, compiled": fwd_bwd(compiled(reference), *inputs),
-            "vdm_fast": fwd_bwd(fused, *inputs)}
+def implementations(reference, fused, *inputs, baseline=None):
+    impls = {"reference": fwd_bwd(reference, *inputs), "reference, compiled": fwd_bwd(compiled(reference), *inputs)}
+    if baseline is not None:
+        impls["plain torch"] = fwd_bwd(baseline, *inputs)
+    return {**impls, "vdm_fast": fwd_bwd(fused, *inputs)}
 
 
 def norm_rows(dev, dt, B, C, size, layouts):
@@ -51,8 +55,10 @@ def norm_rows(dev, dt, B, C, size, layouts):
         xl = x.contiguous(memory_format=layout).requires_grad_()
         results = measure(implementations(
             lambda x, w, b, c: reference_norm.group_norm_silu(x, w, b, 32, 1e-6, True, c),
-            lambda x, w, b, c: fused_norm.group_norm_silu(x, w, b, 32, 1e-6, True, c), xl, w, b, cond), dev)
-        out += rows({"block": f"GroupNorm+SiLU+cond, B={B}, C={C}, {size}x{size} {name}"}, results)
+            lambda x, w, b, c: fused_norm.group_norm_silu(x, w, b, 32, 1e-6, True, c), xl, w, b, cond,
+            baseline=lambda x, w, b, c: F.silu(F.group_norm(x + c[:, :, None, None], 32, w, b, 1e-6))), dev)
+        dtype = str(dt).removeprefix("torch.")
+        out += rows({"block": f"GroupNorm+SiLU+cond, B={B}, C={C}, {size}x{size} {name} {dtype}"}, results)
         out[-1]["GB/s"] = f"{5 * x.numel() * x.element_size() / results['vdm_fast'].seconds / 1e9:.0f}"
     return out
 
@@ -63,7 +69,7 @@ def attention_rows(dev, dt, B, C, size):
     with torch.autocast(dev, dtype=dt, enabled=dt != torch.float32):
         results = measure(implementations(lambda *a: reference_attention.attention_block(*a, 1, 32, 1e-6),
                                           lambda *a: fused_attention.attention_block(*a, 1, 32, 1e-6), x, *p), dev)
-    return rows({"block": f"attention block, B={B}, C={C}, {size}x{size}"}, results)
+    return rows({"block": f"attention block, B={B}, C={C}, {size}x{size} {str(dt).removeprefix('torch.')}"}, results)
 
 
 def cifar_training_step_rows(dev, dt, B):
@@ -102,11 +108,15 @@ def main():
             print(*out, sep="\n", flush=True)
         out += cifar_training_step_rows(dev, dt, B)
     else:
-        dt, B = torch.float32, args.batch or 64
-        out += norm_rows(dev, dt, B, 64, 8, layouts[:1]) + attention_rows(dev, dt, B, 64, 8)
-        out += norm_rows(dev, dt, B, 128, 32, layouts[:1]) + attention_rows(dev, dt, B, 128, 32)
+        B = args.batch or 64
+        f32, bf16 = torch.float32, torch.bfloat16
+        out += norm_rows(dev, f32, B, 64, 8, layouts[:1]) + norm_rows(dev, bf16, B, 64, 8, layouts)
+        out += attention_rows(dev, f32, B, 64, 8) + attention_rows(dev, bf16, B, 64, 8)
+        print(*out, sep="\n", flush=True)
+        out += norm_rows(dev, f32, B, 128, 32, layouts[:1]) + norm_rows(dev, bf16, B, 128, 32, layouts[1:])
+        out += attention_rows(dev, f32, B, 128, 32)
     print()
-    print(header(f"U-Net blocks, {str(dt).removeprefix('torch.')}, forward + backward", dev))
+    print(header("U-Net blocks, forward + backward", dev))
     print(table(out, ["block", "implementation", "ms", "vdm_fast speed-up", "peak MiB", "first call s", "GB/s"]))
 
 
