@@ -9,7 +9,8 @@ added in that GEMM's epilogue. Where ``vdm_fast.backend`` says so (CUDA tensors 
 bfloat16 or float16) this path runs; on the CPU the reference block runs in float32 (PyTorch's
 own CPU kernels) and returns x's dtype; float64 and the reference backend run the reference.
 Head dims the kernels cannot hold in registers (``kernels/attention_tiles.py``: per dtype, and
-for float32 per torch's TF32 setting) take ``torch.nn.functional.scaled_dot_product_attention`` as the attention core.
+for float32 per torch's TF32 setting) take ``torch.nn.functional.scaled_dot_product_attention``
+as the attention core.
 """
 
 import functools

@@ -2,9 +2,9 @@
 ``vdm_fast.reference.norm``; kernels: ``csrc/norm.*`` and ``kernels/norm.py``).
 
 ``vdm_fast::group_norm_silu`` runs the C++ kernels on the CPU (float32, float64, bfloat16) and
-the Triton kernels on CUDA (also registered for CPU tensors under ``TRITON_INTERPRET=1`` where
-``vdm_fast._C`` is absent, for the tests); one pass reads ``x`` in its layout (NCHW or
-channels_last) and dtype, with float32 statistics and weights, and writes ``y`` in both.
+the Triton kernels on CUDA (the tests run the Triton callers below on CPU tensors under
+``TRITON_INTERPRET=1``); one pass reads ``x`` in its layout (NCHW or channels_last) and dtype,
+with float32 statistics and weights, and writes ``y`` in both.
 """
 
 import functools
@@ -152,4 +152,3 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
     if backend.implementation("norm", x.device, x.dtype) != "reference":
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)
-
