@@ -27,7 +27,8 @@ ext = Pybind11Extension(
 )
 
 setup(
-    packages=["vdm_fast", "vdm_fast.ops", "vdm_fast.reference", "vdm_fast.nn", "vdm_fast.kernels"],
+    packages=["vdm_fast", "vdm_fast.diffusion", "vdm_fast.reference", "vdm_fast.ops", "vdm_fast.nn", "vdm_fast.io",
+              "vdm_fast.integrations", "vdm_fast.training", "vdm_fast.codec", "vdm_fast.kernels"],
     package_dir={"vdm_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vdm_fast import bitsback, compress, data
-from vdm_fast.checkpoint import model_from_checkpoint
+from vdm_fast.codec import bitsback, compress
+from vdm_fast.training import data
+from vdm_fast.io import load_model
 
 try:
     from benchmarks.common import table
@@ -96,7 +97,7 @@ def main():
     parser.add_argument("--bound-reps", type=int, default=2, help="estimates of the bound, each over every step")
     args = parser.parse_args()
 
-    model, cfg, _ = model_from_checkpoint(args.ckpt)
+    model, cfg, _ = load_model(args.ckpt)
     ds = data.load(cfg.data, cfg.data_dir)
     dims = math.prod(model.image_shape)
     rows, speed = [], []

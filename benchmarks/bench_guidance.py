@@ -1,7 +1,7 @@
 """Classifier-free guidance on a class-conditional model: are guided samples of class c
 recognised as c? A logistic regression fitted on the real training images judges them.
 
-    python -m vdm_fast.train --out-dir runs/cond --conditional --guidance 2
+    python -m vdm_fast.training.train --out-dir runs/cond --conditional --guidance 2
     python benchmarks/bench_guidance.py --ckpt runs/cond/checkpoint.pt --scales 0 1 2 4
 
 Prints, per guidance scale, the share of samples classified as the class they were asked for
@@ -13,8 +13,8 @@ import argparse
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from vdm_fast import data
-from vdm_fast.checkpoint import model_for_cli
+from vdm_fast.training import data
+from vdm_fast.io import load_model_or_exit
 
 try:
     from benchmarks.common import table
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--T", type=int, default=200)
     args = parser.parse_args()
 
-    model, cfg, _ = model_for_cli(args.ckpt)
+    model, cfg, _ = load_model_or_exit(args.ckpt)
     if not model.num_classes:
         raise SystemExit("error: the checkpoint is not a class-conditional model (--conditional)")
     ds = data.load(cfg.data, cfg.data_dir)

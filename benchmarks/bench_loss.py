@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from vdm_fast import ops
+from vdm_fast.diffusion import pixels
 from vdm_fast.reference import loss as ref
 
 try:
@@ -39,7 +40,7 @@ WINDOW = 8  # grid points each side of the nearest one: exact to float32 for gam
 def windowed_reconstruction_loss(x, eps_0, gamma_0, vocab_size=256):
     """``reference.reconstruction_loss`` with the softmax over the ``2 WINDOW + 1`` grid points
     nearest ``z`` only: what a user would write in an afternoon."""
-    f = ref.encode(x, vocab_size, eps_0.dtype)
+    f = pixels.encode(x, vocab_size, eps_0.dtype)
     g = gamma_0.reshape(-1, *([1] * (x.dim() - 1)))
     z = f + torch.exp(0.5 * g) * eps_0
     precision = torch.exp(-g).unsqueeze(-1)
@@ -63,7 +64,7 @@ class Windowed:
 
 def make_inputs(B, shape, device, gamma_0):
     x = torch.randint(0, 256, (B, *shape), device=device, dtype=torch.uint8)
-    f = ref.encode(x, 256)
+    f = pixels.encode(x, 256)
     eps, eps_0 = torch.randn_like(f), torch.randn_like(f)
     eps_hat = (eps + 0.1 * torch.randn_like(f)).requires_grad_()
     gamma_t = torch.rand(B, device=device).mul(18.3).sub(13.3).requires_grad_()

@@ -62,11 +62,11 @@ CONFIGS = {
 
 
 def _evaluate(ckpt: Path) -> dict:
-    from vdm_fast import data
-    from vdm_fast.checkpoint import model_for_cli
-    from vdm_fast.evaluate import evaluate
+    from vdm_fast.training import data
+    from vdm_fast.io import load_model_or_exit
+    from vdm_fast.training.evaluate import evaluate
 
-    model, cfg, state = model_for_cli(str(ckpt))
+    model, cfg, state = load_model_or_exit(str(ckpt))
     ds = data.load(cfg.data, cfg.data_dir)
     r = evaluate(model, ds.test.images, draws=64, seed=0, batch_size=64)
     return {"bpd": r["bpd"], "se": r["se"], "steps": state["step"], "per_image": r["per_image"]}
@@ -106,7 +106,7 @@ def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
 
     from vdm_fast import backend
     from vdm_fast.config import parse_args
-    from vdm_fast.train import Distributed, _Run
+    from vdm_fast.training.train import Distributed, _Run
 
     results = json.loads(db.read_text()) if db.exists() else {}
     torch.set_num_threads(2)

@@ -15,9 +15,9 @@ seed), so the deterministic samplers' differences are the discretisation's, not 
 stochastic ones still differ by their noises, and at 297 images one run's distance moves by
 about 1 from seed to seed (``--seeds 0 1 2`` averages runs).
 
-Without ``--ckpt`` the benchmark trains a digits model first (``python -m vdm_fast.train`` into
+Without ``--ckpt`` the benchmark trains a digits model first (``python -m vdm_fast.training.train`` into
 a temporary folder: ``--train-steps``, width 32, one ResNet block per level, a few minutes on 2
-cores); a model trained with the defaults (``python -m vdm_fast.train``) is better and slower to
+cores); a model trained with the defaults (``python -m vdm_fast.training.train``) is better and slower to
 sample. Prints a table (sampler, steps, network evaluations, distance, seconds) and writes a PNG
 plot of distance against evaluations (``--plot``) when matplotlib is installed.
 """
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from sklearn.neural_network import MLPClassifier
 
-from vdm_fast import data
-from vdm_fast.checkpoint import model_for_cli
+from vdm_fast.training import data
+from vdm_fast.io import load_model_or_exit
 from vdm_fast.samplers import network_evaluations
 
 try:
@@ -64,7 +64,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def train_model(folder: Path, steps: int) -> Path:
-    args = [sys.executable, "-m", "vdm_fast.train", "--out-dir", str(folder), "--steps", str(steps), "--n-embd", "32",
+    args = [sys.executable, "-m", "vdm_fast.training.train", "--out-dir", str(folder), "--steps", str(steps), "--n-embd", "32",
             "--n-layer", "1", "--sample-n", "0", "--eval-batches", "2", "--log-every", str(max(1, steps // 4))]
     print("training:", " ".join(args[1:]), flush=True)
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or train_model(Path(tmp) / "run", args.train_steps)
-        model, cfg, _ = model_for_cli(ckpt)
+        model, cfg, _ = load_model_or_exit(ckpt)
         model.eval()
         if model.num_classes:
             raise SystemExit("error: the benchmark samples an unconditional model")

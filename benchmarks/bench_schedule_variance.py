@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vdm_fast import data, train
-from vdm_fast.checkpoint import model_from_checkpoint
+from vdm_fast.training import data, train
+from vdm_fast.io import load_model
 from vdm_fast.config import resolve
 
 try:
@@ -50,7 +50,7 @@ def main():
             start = time.perf_counter()
             result = train.train(cfg)
             seconds = time.perf_counter() - start
-            model, _, _ = model_from_checkpoint(Path(root) / objective / "checkpoint.pt")
+            model, _, _ = load_model(Path(root) / objective / "checkpoint.pt")
             gammas = model.schedule(torch.tensor([0.0, 1.0]))[0]
             rows.append({"schedule objective": objective, "test bpd": f"{result['test_bpd']:.4f}",
                          "std of batch bpd": f"{batch_estimate_spread(model, test, args.draws):.4f}",

@@ -18,7 +18,7 @@ import torch
 from vdm_fast import backend
 from vdm_fast.config import resolve
 from vdm_fast.factory import build_model
-from vdm_fast.train import make_optimizer
+from vdm_fast.training.optim import make_optimizer
 
 try:
     from benchmarks.common import compiled, header, measure, rows, table

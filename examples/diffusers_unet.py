@@ -11,8 +11,9 @@ import argparse
 import torch
 from diffusers import UNet2DModel
 
-from vdm_fast.data import load_digits
-from vdm_fast.nn import VDM, LearnedScalarSchedule, from_diffusers
+from vdm_fast.training.data import load_digits
+from vdm_fast.integrations.adapters import from_diffusers
+from vdm_fast.nn import VDM, LearnedScalarSchedule
 
 
 def main(argv=None):

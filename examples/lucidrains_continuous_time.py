@@ -15,7 +15,7 @@ import torch
 from denoising_diffusion_pytorch import ContinuousTimeGaussianDiffusion, Unet
 
 from vdm_fast import ops
-from vdm_fast.data import load_digits
+from vdm_fast.training.data import load_digits
 from vdm_fast.nn import gamma_and_derivative
 
 LEVELS = 17

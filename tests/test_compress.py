@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vdm_fast import bitsback, compress, data
+from vdm_fast.codec import bitsback, compress
+from vdm_fast.training import data
 from vdm_fast import nn as vnn
 
 pytest.importorskip("constriction")
@@ -102,7 +103,7 @@ def _decode_in_subprocess(tmp_path, model, stream, env):
         "import sys, torch, numpy as np\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from test_compress import tiny_model\n"
-        "from vdm_fast import compress\n"
+        "from vdm_fast.codec import compress\n"
         "model = tiny_model()\n"
         "model.load_state_dict(torch.load(sys.argv[2] + '/model.pt', weights_only=True))\n"
         "x = torch.linspace(-2, 2, 64, dtype=torch.float64).reshape(1, 1, 8, 8)\n"
@@ -205,7 +206,8 @@ def test_damaged_truncated_foreign_old_and_bad_arguments_are_refused(digits):
 
 
 def test_cli_round_trip(tmp_path, digits):
-    from vdm_fast import checkpoint, config
+    from vdm_fast.io import checkpoint
+    from vdm_fast import config
     from vdm_fast.factory import build_model
 
     cfg = config.parse_args(["--n-embd", "32", "--n-layer", "0"])

@@ -1,4 +1,4 @@
-"""What a run folder shows a researcher: ``curves.png`` (and ``python -m vdm_fast.curves``), the
+"""What a run folder shows a researcher: ``curves.png`` (and ``python -m vdm_fast.training.curves``), the
 wall time of every metrics record (across a resume), TensorBoard event files
 (``--tensorboard``), and the one-line messages without the optional extras."""
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdm_fast import _extras, config, curves, train
+from vdm_fast import extras, config
+from vdm_fast.training import curves, train
 from vdm_fast.factory import build_model
 
 from test_train import TINY, run_cli
@@ -39,7 +40,7 @@ def assert_png(path):
 def test_a_run_leaves_curves_png_and_timed_metrics_and_the_cli_redraws_it(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "run"
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", "--ckpt-every", "2", *FAST])
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", "--ckpt-every", "2", *FAST])
     assert proc.returncode == 0, proc.stderr
     assert "learning curves:" in proc.stdout and "curves.png" in proc.stdout
     assert_png(out / "curves.png")
@@ -50,7 +51,7 @@ def test_a_run_leaves_curves_png_and_timed_metrics_and_the_cli_redraws_it(tmp_pa
     assert json.loads((out / "result.json").read_text())["step"] == 4  # where the test bpd is marked
 
     (out / "curves.png").unlink()
-    redraw = run_cli("vdm_fast.curves", [str(out)])
+    redraw = run_cli("vdm_fast.training.curves", [str(out)])
     assert redraw.returncode == 0, redraw.stderr
     assert_png(out / "curves.png")
     elsewhere = tmp_path / "elsewhere.png"
@@ -97,10 +98,10 @@ def _scalars(logdir):
 def test_tensorboard_event_files_hold_every_logged_step_once_across_a_resume(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    first = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", "--tensorboard", *FAST])
+    first = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", "--tensorboard", *FAST])
     assert first.returncode == 0, first.stderr
     assert f"tensorboard --logdir {out / 'tensorboard'}" in first.stdout
-    again = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "6", "--resume", "--tensorboard", *FAST])
+    again = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "6", "--resume", "--tensorboard", *FAST])
     assert again.returncode == 0, again.stderr
 
     # time_s continues from the checkpoint's value.
@@ -133,7 +134,7 @@ def test_tensorboard_event_files_hold_every_logged_step_once_across_a_resume(tmp
 
 
 def test_without_the_tensorboard_extra_the_run_stops_at_start_naming_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(_extras.EXTRAS, "tensorboard", ("vdm_fast_no_such_module",))
+    monkeypatch.setitem(extras.EXTRAS, "tensorboard", ("vdm_fast_no_such_module",))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.train(config.parse_args(["--out-dir", str(out), "--steps", "2", "--tensorboard", *FAST]))
@@ -143,7 +144,7 @@ def test_without_the_tensorboard_extra_the_run_stops_at_start_naming_it(tmp_path
 
 
 def test_without_matplotlib_the_run_skips_the_plot_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(_extras.EXTRAS, "plot", ("vdm_fast_no_such_module",))
+    monkeypatch.setitem(extras.EXTRAS, "plot", ("vdm_fast_no_such_module",))
     out = tmp_path / "run"
     # A mid-run checkpoint (step 2) and the end both want a plot: the line is said once.
     result = train.train(config.parse_args(["--out-dir", str(out), "--steps", "3", "--ckpt-every", "2", *FAST]))
@@ -160,7 +161,7 @@ def test_under_torchrun_only_rank_0_writes_the_plot_and_the_event_files(tmp_path
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "vdm_fast.train", "--out-dir", str(out), "--steps", "4", "--tensorboard",
+                           "-m", "vdm_fast.training.train", "--out-dir", str(out), "--steps", "4", "--tensorboard",
                            "--ckpt-every", "2", *FAST], capture_output=True, text=True, timeout=300, cwd="/",
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,10 @@
 """A failure stays on its rank and ends the job (2 gloo processes under torchrun).
 
 Each test runs ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on a small
-launcher written to ``tmp_path``: it imports ``vdm_fast.train``, wraps ``_Run.train_step`` to
+launcher written to ``tmp_path``: it imports ``vdm_fast.training.train``, wraps ``_Run.train_step`` to
 inject the fault on one rank at one step (no test hook in the library), wraps
 ``_Run.save_checkpoint`` to keep a copy of every checkpoint the run writes, records the time of
-the fault, and calls ``vdm_fast.train.main()``. The tests check that torchrun exits non-zero
+the fault, and calls ``vdm_fast.training.train.main()``. The tests check that torchrun exits non-zero
 soon after the fault, that each rank says what happened (with its exit status in torchrun's
 summary), and that the checkpoint on disk is the last one written before the fault, byte for
 byte, loadable and finite.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vdm_fast import checkpoint as ckpt
+from vdm_fast.io import checkpoint as ckpt
 
 from test_train import TINY
 
@@ -28,7 +28,7 @@ LAUNCHER = r'''
 import os, shutil, signal, sys, time
 from pathlib import Path
 
-import vdm_fast.train as T
+import vdm_fast.training.train as T
 from vdm_fast.nn import vdm as vdm_module
 
 FAULT, RANK, STEP = os.environ["FAULT"], int(os.environ["FAULT_RANK"]), int(os.environ["FAULT_STEP"])

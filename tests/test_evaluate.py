@@ -1,4 +1,4 @@
-"""python -m vdm_fast.evaluate: standard errors and draws, the bound summed over every step, draws
+"""python -m vdm_fast.training.evaluate: standard errors and draws, the bound summed over every step, draws
 seeded by each image's index (so batches and processes do not change them), 2 gloo processes
 under torchrun equal to one, the ODE likelihood from the command line; and bits-back compression
 of a class-conditional checkpoint (coded with the null class)."""
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from vdm_fast import data, evaluate
-from vdm_fast.checkpoint import model_from_checkpoint
+from vdm_fast.training import data, evaluate
+from vdm_fast.io import load_model
+from vdm_fast.diffusion import draws, pixels
 from vdm_fast.reference import loss as ref
 
 TINY = ["--n-embd", "32", "--n-layer", "1", "--batch-size", "16", "--log-every", "2", "--sample-n", "0",
@@ -41,7 +42,7 @@ def torchrun(nproc, module, args, timeout=300):
 
 
 def _train(folder: Path, steps: int, *extra):
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(folder), "--steps", str(steps), *TINY, *extra])
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(folder), "--steps", str(steps), *TINY, *extra])
     assert proc.returncode == 0, proc.stderr
     return folder / "checkpoint.pt"
 
@@ -58,7 +59,7 @@ def conditional_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
-    model, _, _ = model_from_checkpoint(tiny_ckpt)
+    model, _, _ = load_model(tiny_ckpt)
     return model.eval()
 
 
@@ -103,7 +104,7 @@ def test_an_images_draws_are_stratified_in_time(tiny_model, digits, monkeypatch)
         for k in range(K):
             evaluate.bound_draw(tiny_model, digits[:5], None, range(7, 12), k, K, seed=3)
     times = torch.stack([t for t, _ in seen]).double()  # [K, 5]
-    u = torch.cat([torch.rand(1, generator=evaluate.image_generator(3, i, 0, 2), dtype=torch.float32)
+    u = torch.cat([torch.rand(1, generator=draws.image_generator(3, i, 0, 2), dtype=torch.float32)
                    for i in range(7, 12)]).double()
     expected = torch.remainder(u + torch.arange(K).double()[:, None] / K, 1.0)
     assert torch.allclose(times, expected, atol=1e-6)
@@ -114,7 +115,7 @@ def test_the_trainers_test_bpd_is_the_evaluate_commands_default(tiny_ckpt, tmp_p
     """The final report of a run and ``evaluate`` with its defaults on the run's checkpoint print
     the same figure and standard error (one way to compute a test bpd)."""
     result = json.loads((tiny_ckpt.parent / "result.json").read_text())
-    proc = run_cli("vdm_fast.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--json",
+    proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--json",
                                          str(tmp_path / "r.json")])
     r = _json(tmp_path, "r.json", proc)
     assert r["draws"] == evaluate.BOUND_DRAWS and r["images"] == 16
@@ -138,9 +139,9 @@ def test_every_step_sums_the_t_step_bound_over_all_steps(tiny_model, digits):
     documented order (eps_0, then one eps per step) from each image's generator."""
     T, x = 3, digits[:4]
     got = evaluate.bound_draw(tiny_model, x, None, range(10, 14), 1, 2, T=T, every_step=True, seed=2)
-    gens = [evaluate.image_generator(2, i, 1, 0) for i in range(10, 14)]
+    gens = [draws.image_generator(2, i, 1, 0) for i in range(10, 14)]
     eps_0 = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
-    f = ref.encode(x, 17)
+    f = pixels.encode(x, 17)
     with torch.no_grad():
         grid, _ = tiny_model.gamma(torch.arange(T + 1, dtype=torch.float32) / T)
         grid = grid.detach()
@@ -149,13 +150,13 @@ def test_every_step_sums_the_t_step_bound_over_all_steps(tiny_model, digits):
             eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
             g_t = grid[i].expand(4)
             z = ref.diffuse(f, eps, g_t)
-            eps_hat = tiny_model._eps_hat(z, g_t, None, 0.0)
+            eps_hat = tiny_model.predict_eps(z, g_t, None, 0.0)
             nats = nats + 0.5 * torch.expm1(grid[i] - grid[i - 1]) * ((eps - eps_hat) ** 2).reshape(4, -1).sum(1)
-    assert torch.allclose(got, ref.bits_per_dim(nats, 64).double(), rtol=1e-5)
+    assert torch.allclose(got, pixels.bits_per_dim(nats, 64).double(), rtol=1e-5)
 
 
 def test_the_bound_from_the_command_line_carries_its_standard_error(tiny_ckpt, tmp_path):
-    proc = run_cli("vdm_fast.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "2", "--draws", "3",
+    proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "2", "--draws", "3",
                                          "--json", str(tmp_path / "r.json")])
     r = _json(tmp_path, "r.json", proc)
     assert (r["images"], r["draws"], r["likelihood"]) == (32, 3, "bound") and len(r["per_image"]) == 32
@@ -163,7 +164,7 @@ def test_the_bound_from_the_command_line_carries_its_standard_error(tiny_ckpt, t
     assert f"{r['bpd']:.4f} +- {r['se']:.4f}" in proc.stdout and "32 images" in proc.stdout
     assert "3 draws" in proc.stdout and "Monte-Carlo share" in proc.stdout
     assert "histogram baseline" in proc.stdout
-    every = run_cli("vdm_fast.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--T", "4", "--every-step"])
+    every = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--T", "4", "--every-step"])
     assert every.returncode == 0 and "summed over every step" in every.stdout and "+-" in every.stdout, every.stderr
 
 
@@ -185,11 +186,11 @@ def test_the_ode_likelihood_from_the_command_line(tiny_ckpt, tmp_path):
     pytest.importorskip("torchdiffeq")
     common = ["--ckpt", str(tiny_ckpt), "--likelihood", "ode", "--batches", "1", "--batch-size", "3",
               "--rtol", "1e-3", "--atol", "1e-3"]
-    proc = run_cli("vdm_fast.evaluate", [*common, "--json", str(tmp_path / "ode.json")])
+    proc = run_cli("vdm_fast.training.evaluate", [*common, "--json", str(tmp_path / "ode.json")])
     r = _json(tmp_path, "ode.json", proc)
     assert r["trace"] == "exact" and r["images"] == 3 and r["nfe"]["solves"] == 1 and r["nfe"]["min"] > 5
     assert "probability-flow ODE" in proc.stdout and "NFE" in proc.stdout and "+-" in proc.stdout
-    hutch = run_cli("vdm_fast.evaluate", [*common, "--trace", "hutchinson", "--probes", "2",
+    hutch = run_cli("vdm_fast.training.evaluate", [*common, "--trace", "hutchinson", "--probes", "2",
                                           "--json", str(tmp_path / "h.json")])
     h = _json(tmp_path, "h.json", hutch)
     # the estimator is unbiased: close to the exact trace's figure on the same z_0 draws
@@ -209,8 +210,8 @@ def test_two_gloo_processes_equal_one(tiny_ckpt, tmp_path, likelihood):
             "--likelihood", likelihood, "--draws", "2"]
     if likelihood == "ode":
         args += ["--rtol", "1e-3", "--atol", "1e-3", "--trace", "hutchinson", "--probes", "2"]
-    one = _json(tmp_path, "one.json", run_cli("vdm_fast.evaluate", [*args, "--json", str(tmp_path / "one.json")]))
-    two_proc = torchrun(2, "vdm_fast.evaluate", [*args, "--json", str(tmp_path / "two.json")])
+    one = _json(tmp_path, "one.json", run_cli("vdm_fast.training.evaluate", [*args, "--json", str(tmp_path / "one.json")]))
+    two_proc = torchrun(2, "vdm_fast.training.evaluate", [*args, "--json", str(tmp_path / "two.json")])
     two = _json(tmp_path, "two.json", two_proc)
     assert "2 processes" in two_proc.stdout and two["processes"] == 2 and one["processes"] == 1
     assert (two["images"], two["draws"]) == (one["images"], one["draws"]) == (3 * size, 2)
@@ -227,24 +228,24 @@ def test_a_conditional_checkpoint_compresses_with_the_null_class(conditional_ckp
     pytest.importorskip("constriction")
     images = digits[:12].permute(0, 2, 3, 1).numpy().astype(np.uint8)
     np.save(tmp_path / "in.npy", images)
-    enc = run_cli("vdm_fast.compress", ["encode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "in.npy"),
+    enc = run_cli("vdm_fast.codec.compress", ["encode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "in.npy"),
                                         "--output", str(tmp_path / "out.vdmz"), "--T", "3", "--max-chunk", "4"])
     assert enc.returncode == 0 and "bits per dim" in enc.stdout, enc.stderr
-    dec = run_cli("vdm_fast.compress", ["decode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "out.vdmz"),
+    dec = run_cli("vdm_fast.codec.compress", ["decode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "out.vdmz"),
                                         "--output", str(tmp_path / "back.npy")])
     assert dec.returncode == 0, dec.stderr
     assert np.array_equal(np.load(tmp_path / "back.npy"), images)
     # the library call codes with the null class too: the same stream
-    from vdm_fast import compress
+    from vdm_fast.codec import compress
 
-    model, _, _ = model_from_checkpoint(conditional_ckpt)
+    model, _, _ = load_model(conditional_ckpt)
     assert model.num_classes == 10
     stream = compress.encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), T=3, max_chunk=4)
     assert stream == (tmp_path / "out.vdmz").read_bytes()
 
 
 def test_a_conditional_checkpoint_evaluates_with_its_labels(conditional_ckpt, tmp_path):
-    proc = run_cli("vdm_fast.evaluate", ["--ckpt", str(conditional_ckpt), "--batches", "1", "--json",
+    proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(conditional_ckpt), "--batches", "1", "--json",
                                          str(tmp_path / "c.json")])
     r = _json(tmp_path, "c.json", proc)
     assert r["images"] == 16 and np.isfinite(r["bpd"])

@@ -1,5 +1,5 @@
-"""Shareable weights: ``python -m vdm_fast.export`` writes a checkpoint's EMA weights as
-``model.safetensors`` + ``config.json``; ``VDM.from_pretrained`` and the CLIs' ``--ckpt FOLDER``
+"""Shareable weights: ``vdm-fast export`` writes a checkpoint's EMA weights as
+``model.safetensors`` + ``config.json``; ``load_pretrained`` and the CLIs' ``--ckpt FOLDER``
 read them back exactly, without unpickling anything, and refuse a damaged or foreign folder by
 name."""
 
@@ -18,7 +18,9 @@ import torch
 pytest.importorskip("safetensors")
 import safetensors.torch as st  # noqa: E402
 
-from vdm_fast import _extras, checkpoint, config, export  # noqa: E402
+from vdm_fast import extras, config  # noqa: E402
+from vdm_fast.io import checkpoint, load_model, pretrained
+from vdm_fast.training import export as export_cli
 from vdm_fast.factory import build_model  # noqa: E402
 from vdm_fast.nn import VDM  # noqa: E402
 
@@ -63,8 +65,8 @@ def exported(tmp_path_factory):
     """(checkpoint, folder) of the default tiny model, the folder written by save_pretrained."""
     root = tmp_path_factory.mktemp("export")
     ckpt = make_checkpoint(root / "checkpoint.pt")
-    model, cfg, state = checkpoint.model_from_checkpoint(ckpt)
-    export.save_pretrained(model, cfg, root / "pretrained", step=state["step"])
+    model, cfg, state = load_model(ckpt)
+    pretrained.save_pretrained(model, cfg, root / "pretrained", step=state["step"])
     return ckpt, root / "pretrained"
 
 
@@ -83,7 +85,7 @@ def rewrite_config(folder: Path, reseal_config=True, drop=(), **changes) -> None
     for key in drop:
         del cfg[key]
     if reseal_config:
-        cfg["config_sha256"] = export.config_digest(cfg)
+        cfg["config_sha256"] = pretrained.config_digest(cfg)
     path.write_text(json.dumps(cfg))
 
 
@@ -116,20 +118,20 @@ def resave(folder: Path, mutate) -> None:
 def test_the_folder_computes_exactly_what_the_checkpoints_ema_model_does(tmp_path, variant):
     overrides, num_classes = VARIANTS[variant]
     ckpt = make_checkpoint(tmp_path / "checkpoint.pt", overrides, num_classes)
-    ema_model, cfg, state = checkpoint.model_from_checkpoint(ckpt)
-    raw_model, _, _ = checkpoint.model_from_checkpoint(ckpt, use_ema=False)
-    written = export.save_pretrained(ema_model, cfg, tmp_path / "out", step=state["step"])
+    ema_model, cfg, state = load_model(ckpt)
+    raw_model, _, _ = load_model(ckpt, use_ema=False)
+    written = pretrained.save_pretrained(ema_model, cfg, tmp_path / "out", step=state["step"])
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]  # no temporaries left
 
-    loaded = VDM.from_pretrained(tmp_path / "out")
+    loaded = pretrained.load_pretrained(tmp_path / "out")[0]
     assert type(loaded) is VDM and not loaded.training
     labels = torch.arange(4) % num_classes if num_classes else None
     for got, want in zip(outputs(loaded, labels), outputs(ema_model, labels)):
         assert torch.equal(got, want)
     assert not torch.equal(outputs(loaded, labels)[0], outputs(raw_model, labels)[0])  # the EMA, not the raw weights
 
-    model, cfg2, info = export.load_pretrained(tmp_path / "out")
-    for name in export.MODEL_CONFIG_FIELDS:
+    model, cfg2, info = pretrained.load_pretrained(tmp_path / "out")
+    for name in pretrained.MODEL_CONFIG_FIELDS:
         assert getattr(cfg2, name) == getattr(cfg, name), name
     assert info["step"] == 7 and info["weights"] == "ema" and info["num_classes"] == num_classes
     on_disk = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -140,13 +142,13 @@ def test_the_folder_computes_exactly_what_the_checkpoints_ema_model_does(tmp_pat
 
 
 def test_local_paths_stay_home_and_evaluate_asks_for_the_data(tmp_path):
-    from vdm_fast import evaluate
+    from vdm_fast.training import evaluate
 
     cfg = config.resolve(dict(data="npy", data_dir=str(tmp_path / "my_private_data.npy"), n_embd=32, n_layer=0))
-    export.save_pretrained(build_model(cfg, SHAPE, VOCAB), cfg, tmp_path / "out")
+    pretrained.save_pretrained(build_model(cfg, SHAPE, VOCAB), cfg, tmp_path / "out")
     assert "my_private_data" not in (tmp_path / "out" / "config.json").read_text()
-    _, loaded, _ = export.load_pretrained(tmp_path / "out")
-    assert loaded.data == "npy" and loaded.data_dir == export.UNRECORDED_DATA_DIR
+    _, loaded, _ = pretrained.load_pretrained(tmp_path / "out")
+    assert loaded.data == "npy" and loaded.data_dir == pretrained.UNRECORDED_DATA_DIR
     with pytest.raises(SystemExit, match="pass --data-dir"):
         evaluate.main(["--ckpt", str(tmp_path / "out"), "--device", "cpu"])
 
@@ -169,12 +171,12 @@ def test_loading_never_unpickles(exported, monkeypatch):
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
-    VDM.from_pretrained(exported[1])
+    pretrained.load_pretrained(exported[1])[0]
 
 
 def test_nn_imports_neither_the_exporter_nor_safetensors():
     script = ("import sys, vdm_fast.nn; "
-              "print([m for m in ('vdm_fast.export', 'vdm_fast.checkpoint', 'safetensors') if m in sys.modules])")
+              "print([m for m in ('vdm_fast.io.pretrained', 'vdm_fast.io.checkpoint', 'safetensors') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
@@ -185,7 +187,7 @@ def test_nn_imports_neither_the_exporter_nor_safetensors():
 def test_the_export_cli(exported, tmp_path):
     ckpt, _ = exported
     out = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "vdm_fast.export", "--ckpt", str(ckpt), "--out", str(out)]
+    cmd = [sys.executable, "-m", "vdm_fast.training.export", "--ckpt", str(ckpt), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "model.safetensors" in proc.stdout and "config.json" in proc.stdout and "step 7" in proc.stdout
@@ -195,24 +197,24 @@ def test_the_export_cli(exported, tmp_path):
     # A non-empty folder is refused without --force; --force replaces the two files only.
     (out / "README.md").write_text("a model card\n")
     with pytest.raises(SystemExit, match="not empty.*--force"):
-        export.main(["--ckpt", str(ckpt), "--out", str(out), "--weights", "model"])
-    export.main(["--ckpt", str(ckpt), "--out", str(out), "--weights", "model", "--force"])
+        export_cli.main(["--ckpt", str(ckpt), "--out", str(out), "--weights", "model"])
+    export_cli.main(["--ckpt", str(ckpt), "--out", str(out), "--weights", "model", "--force"])
     assert (out / "README.md").exists() and json.loads((out / "config.json").read_text())["weights"] == "model"
-    raw, _, _ = checkpoint.model_from_checkpoint(ckpt, use_ema=False)
-    assert torch.equal(outputs(VDM.from_pretrained(out))[0], outputs(raw)[0])
+    raw, _, _ = load_model(ckpt, use_ema=False)
+    assert torch.equal(outputs(pretrained.load_pretrained(out)[0])[0], outputs(raw)[0])
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
 
     # A training run's folder is neither written into nor read as an exported one.
     with pytest.raises(SystemExit, match="training run's folder"):
-        export.main(["--ckpt", str(ckpt), "--out", str(ckpt.parent), "--force"])
+        export_cli.main(["--ckpt", str(ckpt), "--out", str(ckpt.parent), "--force"])
     with pytest.raises(checkpoint.CheckpointError, match="training run's folder.*checkpoint.pt"):
-        checkpoint.model_from_checkpoint(ckpt.parent)
+        load_model(ckpt.parent)
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        export.main(["--ckpt", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
+        export_cli.main(["--ckpt", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
 
 
 def test_evaluate_sample_and_compress_take_the_folder(exported, tmp_path, capsys):
-    from vdm_fast import evaluate, sample
+    from vdm_fast.training import evaluate, sample
 
     ckpt, folder = exported
     report = []
@@ -229,7 +231,7 @@ def test_evaluate_sample_and_compress_take_the_folder(exported, tmp_path, capsys
     pytest.importorskip("constriction")
     import numpy as np
 
-    from vdm_fast import compress
+    from vdm_fast.codec import compress
 
     np.save(tmp_path / "in.npy", np.random.default_rng(0).integers(0, VOCAB, (2, 8, 8, 1), dtype=np.uint8))
     streams = []
@@ -241,7 +243,8 @@ def test_evaluate_sample_and_compress_take_the_folder(exported, tmp_path, capsys
 
 
 def test_the_clis_refuse_a_damaged_folder_by_name(folder, tmp_path):
-    from vdm_fast import compress, sample
+    from vdm_fast.codec import compress
+    from vdm_fast.training import sample
 
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[-3] ^= 0x10
@@ -256,8 +259,8 @@ def test_the_clis_refuse_a_damaged_folder_by_name(folder, tmp_path):
 
 
 def refused(folder: Path, pattern: str):
-    with pytest.raises(export.PretrainedError, match=pattern):
-        VDM.from_pretrained(folder)
+    with pytest.raises(pretrained.PretrainedError, match=pattern):
+        pretrained.load_pretrained(folder)[0]
 
 
 def test_a_truncated_file_is_refused(folder):
@@ -366,7 +369,7 @@ def test_tensors_removed_renamed_reshaped_retyped_or_non_finite_are_refused(fold
     resave(folder, poison)
     refused(folder, rf"tensor {esc} holds non-finite values")
     restore()
-    VDM.from_pretrained(folder)  # restored: loads again
+    pretrained.load_pretrained(folder)[0]  # restored: loads again
 
 
 def test_a_config_for_another_model_is_refused_by_the_tensors(folder):
@@ -403,56 +406,56 @@ def test_a_pickle_named_model_safetensors_is_refused_never_unpickled(folder, tmp
 
 def test_save_pretrained_refuses_what_would_not_load(exported, tmp_path):
     ckpt, _ = exported
-    model, cfg, _ = checkpoint.model_from_checkpoint(ckpt)
+    model, cfg, _ = load_model(ckpt)
     other = config.resolve(dict(data="digits", n_embd=64, n_layer=1))
-    with pytest.raises(export.PretrainedError, match=r"weight .* is torch.float32 \(.*\), but the config builds"):
-        export.save_pretrained(model, other, tmp_path / "a")
-    with pytest.raises(export.PretrainedError, match="prediction='eps' but its config builds prediction='v'"):
-        export.save_pretrained(model, config.resolve(dict(data="digits", n_embd=32, n_layer=1, prediction="v")),
+    with pytest.raises(pretrained.PretrainedError, match=r"weight .* is torch.float32 \(.*\), but the config builds"):
+        pretrained.save_pretrained(model, other, tmp_path / "a")
+    with pytest.raises(pretrained.PretrainedError, match="prediction='eps' but its config builds prediction='v'"):
+        pretrained.save_pretrained(model, config.resolve(dict(data="digits", n_embd=32, n_layer=1, prediction="v")),
                                tmp_path / "a")
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("inf")
-    with pytest.raises(export.PretrainedError, match="non-finite"):
-        export.save_pretrained(model, cfg, tmp_path / "a")
+    with pytest.raises(pretrained.PretrainedError, match="non-finite"):
+        pretrained.save_pretrained(model, cfg, tmp_path / "a")
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
     (tmp_path / "file").write_text("x")
-    with pytest.raises(export.PretrainedError, match="is not a folder"):
-        export.save_pretrained(model, cfg, tmp_path / "file")
+    with pytest.raises(pretrained.PretrainedError, match="is not a folder"):
+        pretrained.save_pretrained(model, cfg, tmp_path / "file")
 
 
 def test_a_failed_write_leaves_no_temporaries(exported, tmp_path, monkeypatch):
-    model, cfg, _ = checkpoint.model_from_checkpoint(exported[0])
+    model, cfg, _ = load_model(exported[0])
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(st, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        export.save_pretrained(model, cfg, tmp_path / "out")
+        pretrained.save_pretrained(model, cfg, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == []
 
 
 def test_an_ema_folder_does_not_pass_for_raw_weights(exported):
     with pytest.raises(checkpoint.CheckpointError, match="holds only the EMA weights"):
-        checkpoint.model_from_checkpoint(exported[1], use_ema=False)
+        load_model(exported[1], use_ema=False)
 
 
 # --------------------------------------------------------------------------------- missing extra
 
 
 def test_without_safetensors_each_entry_names_the_pip_install(exported, tmp_path, monkeypatch):
-    from vdm_fast import sample
+    from vdm_fast.training import sample
 
     ckpt, folder = exported
-    monkeypatch.setitem(_extras.EXTRAS, "export", ("no_such_module_for_the_test",))
+    monkeypatch.setitem(extras.EXTRAS, "export", ("no_such_module_for_the_test",))
     message = r"missing: no_such_module_for_the_test.*pip install 'vdm_fast\[export\]'"
     with pytest.raises(SystemExit, match="error: .*" + message):
-        export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+        export_cli.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     with pytest.raises(ImportError, match=message):
-        VDM.from_pretrained(folder)
-    with pytest.raises(_extras.MissingExtra, match=message):
-        export.save_pretrained(*checkpoint.model_from_checkpoint(ckpt)[:2], tmp_path / "out")
+        pretrained.load_pretrained(folder)[0]
+    with pytest.raises(extras.MissingExtra, match=message):
+        pretrained.save_pretrained(*load_model(ckpt)[:2], tmp_path / "out")
     with pytest.raises(SystemExit, match=message):
         sample.main(["--ckpt", str(folder), "--out", str(tmp_path / "s.png")])
     assert not (tmp_path / "out").exists()
-    checkpoint.model_from_checkpoint(ckpt)  # a checkpoint file needs no safetensors
+    load_model(ckpt)  # a checkpoint file needs no safetensors

@@ -146,25 +146,25 @@ def test_each_subcommand_hands_its_arguments_to_the_modules_main(monkeypatch):
     seen = []
     for name in ("train", "check"):
         module = importlib.import_module(cli.COMMANDS[name][0])
-        monkeypatch.setattr(module, "main", lambda argv, _name=name: seen.append((_name, argv)) or None)
+        monkeypatch.setattr(module, "main", lambda argv, prog, _name=name: seen.append((_name, argv, prog)) or None)
     assert cli.main(["train", "--steps", "2"]) == 0
     assert cli.main(["check", "--no-timing"]) == 0
-    assert seen == [("train", ["--steps", "2"]), ("check", ["--no-timing"])]
-    monkeypatch.setattr(importlib.import_module("vdm_fast.check"), "main", lambda argv: 1)
+    assert seen == [("train", ["--steps", "2"], "vdm-fast train"), ("check", ["--no-timing"], "vdm-fast check")]
+    monkeypatch.setattr(importlib.import_module("vdm_fast.check"), "main", lambda argv, prog: 1)
     assert cli.main(["check"]) == 1  # check's exit status comes through
 
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "sample", "compress", "export", "check", "curves"])
 def test_each_subcommands_usage_line_names_the_command_that_ran_it(name, capsys):
-    """`vdm-fast NAME --help` shows `usage: vdm-fast NAME`, `python -m vdm_fast.NAME --help`
-    `usage: python -m vdm_fast.NAME`: the line a user copies names what they typed."""
+    """`vdm-fast NAME --help` shows `usage: vdm-fast NAME`, `python -m MODULE --help`
+    `usage: python -m MODULE`: the line a user copies names what they typed."""
     import importlib
 
     from vdm_fast import cli
 
     module = importlib.import_module(cli.COMMANDS[name][0])
     for run, expected in ((lambda: cli.main([name, "--help"]), f"usage: vdm-fast {name} "),
-                          (lambda: module.main(["--help"]), f"usage: python -m vdm_fast.{name} ")):
+                          (lambda: module.main(["--help"]), f"usage: python -m {module.__name__} ")):
         with pytest.raises(SystemExit) as stop:
             run()
         assert stop.value.code == 0

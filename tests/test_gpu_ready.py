@@ -7,7 +7,7 @@
   nothing), with each kernel replaced by a recorder and ``torch.cuda.device`` by a stand-in
   that records the device it is entered with.
 - The fused path copies nothing from the host and reads nothing back where a CUDA graph
-  captures it (the value checks, which read data, are off there, as ``_validate.values_readable``
+  captures it (the value checks, which read data, are off there, as ``validate.values_readable``
   says under capture): a TorchDispatchMode records tensors made from host data
   (``aten.lift_fresh``), copies from the CPU to another device (``aten._to_copy``/``copy_``) and
   reads to the host (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``). On a
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdm_fast import backend, ops
 from vdm_fast import nn as vnn
-from vdm_fast.ops import _validate
+from vdm_fast import validate
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from triton.runtime.jit import KernelInterface  # noqa: E402
@@ -176,7 +176,7 @@ def test_the_pinned_schedule_copies_nothing_from_the_host_on_a_cuda_device(monke
     """``gamma_nnet_pinned`` on (fake) CUDA tensors as a CUDA graph captures it: no host data,
     no host read. (Forward only: a CPU-only torch's autograd engine cannot run on fake CUDA
     tensors; the next test runs the backward on the CPU.)"""
-    monkeypatch.setattr(_validate, "values_readable", lambda t: False)  # as under capture
+    monkeypatch.setattr(validate, "values_readable", lambda t: False)  # as under capture
     with FakeTensorMode():
         device = torch.device("cuda", 1)
         params, ends = _pinned_schedule(device)
@@ -188,7 +188,7 @@ def test_the_pinned_schedule_copies_nothing_from_the_host_on_a_cuda_device(monke
 
 
 def test_the_pinned_schedule_forward_and_backward_copy_nothing_from_the_host(monkeypatch):
-    monkeypatch.setattr(_validate, "values_readable", lambda t: False)  # as under capture
+    monkeypatch.setattr(validate, "values_readable", lambda t: False)  # as under capture
     params, ends = _pinned_schedule("cpu", make=torch.randn)
     leaves = [p.requires_grad_() for p in (*params, *ends)]
     t = torch.rand(16)
@@ -224,7 +224,7 @@ def test_the_fused_training_step_copies_nothing_from_the_host(monkeypatch):
     kernels under the interpreter, the loss, schedule and norm ops their C++ kernels; the mode
     sees the ops and the Python around them, not the kernels' insides.)"""
     monkeypatch.setitem(backend.KERNELS["attention"], "cpu", "triton")
-    monkeypatch.setattr(_validate, "values_readable", lambda t: False)  # as under capture
+    monkeypatch.setattr(validate, "values_readable", lambda t: False)  # as under capture
     net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0, attention="middle")
     model = vnn.VDM(net, vnn.MonotoneNetSchedule(n_features=8, pinned=True), (1, 4, 4), vocab_size=17)
     x = torch.randint(0, 17, (2, 1, 4, 4))

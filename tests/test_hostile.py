@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from vdm_fast import checkpoint as ckpt
-from vdm_fast import compress, config, data, ops, train
-from vdm_fast.checkpoint import CheckpointError
+from vdm_fast.io import checkpoint as ckpt
+from vdm_fast.io import load_model
+from vdm_fast.codec import compress
+from vdm_fast import config, ops
+from vdm_fast.training import data, train
+from vdm_fast.io.checkpoint import CheckpointError
+from vdm_fast.training.run import RunLock
 
 from test_train import TINY, _fake_cifar, params, run_cli
 
@@ -35,7 +39,7 @@ class _WritesMarker:
 def trained(tmp_path_factory):
     """A 4-step run on digits with a checkpoint (shared, read-only for the tests)."""
     out = tmp_path_factory.mktemp("trained")
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", *TINY, "--sample-n", "0"])
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", *TINY, "--sample-n", "0"])
     assert proc.returncode == 0, proc.stderr
     return out / "checkpoint.pt"
 
@@ -45,7 +49,7 @@ def _resume_from(tmp_path, checkpoint: Path):
     out = tmp_path / "run"
     out.mkdir()
     checkpoint.replace(out / "checkpoint.pt")
-    return run_cli("vdm_fast.train", ["--out-dir", str(out), "--resume", "--steps", "6", *TINY])
+    return run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--resume", "--steps", "6", *TINY])
 
 
 def _cifar_folder(root: Path, replace=None) -> Path:
@@ -71,8 +75,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, trained):
     torch.save({"format": ckpt.FORMAT, "config": _WritesMarker(marker)}, evil)
     with pytest.raises(CheckpointError, match="could run code"):
         ckpt.load(evil)
-    for module, args in (("vdm_fast.evaluate", ["--ckpt", str(evil)]),
-                         ("vdm_fast.sample", ["--ckpt", str(evil), "--out", str(tmp_path / "s.png")])):
+    for module, args in (("vdm_fast.training.evaluate", ["--ckpt", str(evil)]),
+                         ("vdm_fast.training.sample", ["--ckpt", str(evil), "--out", str(tmp_path / "s.png")])):
         proc = run_cli(module, args)
         assert proc.returncode != 0 and "could run code" in proc.stderr, proc.stderr
     proc = _resume_from(tmp_path, evil)
@@ -93,7 +97,7 @@ def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
 @pytest.mark.parametrize("lr", ["inf", "1e6"])
 def test_an_update_that_wrecks_the_weights_stops_without_writing(tmp_path, lr):
     out = tmp_path / "run"
-    first = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "20", "--ckpt-every", "10", *TINY,
+    first = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "20", "--ckpt-every", "10", *TINY,
                                        "--sample-n", "0", "--eval-batches", "1"])
     assert first.returncode == 0, first.stderr
     good = (out / "checkpoint.pt").read_bytes()
@@ -106,7 +110,7 @@ def test_an_update_that_wrecks_the_weights_stops_without_writing(tmp_path, lr):
         with pytest.raises(train.NonFiniteLoss, match=r"non-finite.*step 20\), is untouched"):
             train.train(cfg)
     else:
-        proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--resume", "--steps", "60", "--ckpt-every",
+        proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--resume", "--steps", "60", "--ckpt-every",
                                           "10", "--lr", lr, *TINY])
         # The weights stay finite but huge, the losses turn NaN: no checkpoint is written while
         # steps are non-finite, and the run stops after --max-bad-steps of them.
@@ -167,20 +171,20 @@ def test_checkpoints_with_the_wrong_content_are_refused_by_name(tmp_path, traine
     without_ema = {k: v for k, v in state.items() if k not in ("format", "sha256", "ema")}
     ckpt.save(bad, without_ema)
     with pytest.raises(CheckpointError, match="lacks a valid 'ema'"):
-        ckpt.model_from_checkpoint(bad)
+        load_model(bad)
     name = next(n for n, t in state["ema"].items() if t.dim() == 4)
     _resave(state, bad, ema={**state["ema"], name: state["ema"][name][:, :1]})
     with pytest.raises(CheckpointError, match=f"{name} has shape"):
-        ckpt.model_from_checkpoint(bad)
+        load_model(bad)
     _resave(state, bad, ema={k: v for k, v in state["ema"].items() if k != name})
     with pytest.raises(CheckpointError, match=f"missing \\['{name}'"):
-        ckpt.model_from_checkpoint(bad)
+        load_model(bad)
     _resave(state, bad, config={**state["config"], "n_embd": "wide"})
     with pytest.raises(CheckpointError, match="invalid configuration.*n_embd"):
-        ckpt.model_from_checkpoint(bad)
+        load_model(bad)
     # Another vocabulary: the weights fit, the data do not. evaluate and resume refuse it.
     _resave(state, bad, vocab_size=256)
-    proc = run_cli("vdm_fast.evaluate", ["--ckpt", str(bad)])
+    proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(bad)])
     assert proc.returncode != 0 and "256-level images" in proc.stderr, proc.stderr
     proc = _resume_from(tmp_path, bad)
     assert proc.returncode != 0 and "vocab_size=256" in proc.stderr, proc.stderr
@@ -296,7 +300,7 @@ def test_configuration_is_type_and_range_checked_before_training(tmp_path, text,
 def test_flags_are_range_checked_and_the_cli_says_so():
     for flag, value in (("--eval-T", "-5"), ("--sample-T", "0"), ("--sample-n", "-3"), ("--guidance", "nan"),
                         ("--lr", "nan"), ("--weight-decay", "nan")):
-        proc = run_cli("vdm_fast.train", [flag, value, "--out-dir", "/nonexistent/never"])
+        proc = run_cli("vdm_fast.training.train", [flag, value, "--out-dir", "/nonexistent/never"])
         assert proc.returncode != 0 and proc.stderr.startswith("error: "), (flag, proc.stderr)
     # a YAML 1e-3 (a string to PyYAML) is a float by the stated rule
     assert config.resolve({"lr": "1e-3"}).lr == 1e-3
@@ -336,7 +340,7 @@ def test_malformed_data_gives_one_line_errors_naming_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_stream(trained):
-    model, _, _ = ckpt.model_from_checkpoint(trained)
+    model, _, _ = load_model(trained)
     images = torch.randint(0, 17, (12, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     chunks = []
     stream = compress.encode(model, images, T=2, chunks=chunks)
@@ -385,7 +389,7 @@ def test_encode_refuses_an_npz_or_non_image_file_in_one_line(tmp_path, trained):
     np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     (tmp_path / "text.npy").write_text("not numpy")
     for name in ("a.npz", "text.npy"):
-        proc = run_cli("vdm_fast.compress", ["encode", "--ckpt", str(trained), "--input", str(tmp_path / name),
+        proc = run_cli("vdm_fast.codec.compress", ["encode", "--ckpt", str(trained), "--input", str(tmp_path / name),
                                              "--output", str(tmp_path / "out.vdmz")])
         assert proc.returncode != 0 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
             proc.stderr
@@ -398,12 +402,12 @@ def test_stale_temporaries_are_removed_and_a_second_trainer_is_locked_out(tmp_pa
     out.mkdir()
     stale = out / "checkpoint.pt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    lock = ckpt.RunLock(out)  # another trainer holds the folder
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
+    lock = RunLock(out)  # another trainer holds the folder
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
     assert proc.returncode != 0 and "another process is training" in proc.stderr, proc.stderr
     assert stale.exists() and not (out / "checkpoint.pt").exists()
     lock.release()
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
     assert proc.returncode == 0, proc.stderr
     assert not stale.exists() and "removed" in proc.stderr
 
@@ -413,14 +417,14 @@ def test_metrics_hold_each_step_once_after_a_kill_and_resume(tmp_path):
     a run writes them); the resumed run drops them before logging those steps again."""
     out = tmp_path / "run"
     args = [*TINY, "--ckpt-every", "4", "--log-every", "1", "--sample-n", "0", "--eval-batches", "1"]
-    first = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", *args])
+    first = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", *args])
     assert first.returncode == 0, first.stderr
     metrics = out / "metrics.jsonl"
     records = metrics.read_text().splitlines()
     with open(metrics, "a") as fh:  # steps 5 and 6 of the killed run, and a line torn by the kill
         fh.write(records[-1].replace('"step": 4', '"step": 5') + "\n")
         fh.write(records[-1].replace('"step": 4', '"step": 6') + "\n" + records[-1][:20])
-    resumed = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "8", "--resume", *args])
+    resumed = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "8", "--resume", *args])
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -432,10 +436,10 @@ def test_two_gloo_processes_match_one_process_with_dropout_and_label_dropout(tmp
     # over processes changes the convolutions' rounding at bf16's precision, ~1e-3.
     args = [*TINY, "--steps", "6", "--dropout", "0.3", "--conditional", "--label-dropout", "0.5",
             "--ckpt-every", "6", "--sample-n", "0", "--eval-batches", "1", "--bf16", "false"]
-    one = run_cli("vdm_fast.train", ["--out-dir", str(tmp_path / "one"), *args])
+    one = run_cli("vdm_fast.training.train", ["--out-dir", str(tmp_path / "one"), *args])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "vdm_fast.train", "--out-dir", str(tmp_path / "two"), *args],
+                          "-m", "vdm_fast.training.train", "--out-dir", str(tmp_path / "two"), *args],
                          capture_output=True, text=True, timeout=300, cwd="/",
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vdm_fast import ops
-from vdm_fast.nn import VDM, LearnedScalarSchedule, from_denoising_diffusion_pytorch, from_diffusers, gamma_and_derivative
+from vdm_fast.integrations.adapters import from_denoising_diffusion_pytorch, from_diffusers
+from vdm_fast.nn import VDM, LearnedScalarSchedule, gamma_and_derivative
 
 from helpers import assert_close, torchvision_or_stub
 

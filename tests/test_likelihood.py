@@ -18,7 +18,7 @@ from torch import nn
 
 from vdm_fast import likelihood
 from vdm_fast import nn as vnn
-from vdm_fast.reference.loss import encode
+from vdm_fast.diffusion.pixels import encode
 
 pytest.importorskip("torchdiffeq")
 
@@ -145,10 +145,10 @@ def test_the_exact_trace_is_the_jacobians_trace_on_a_score_unet():
     for max_batch in (3, 10, 1000):  # replicas chunked in any way give the same trace
         flow = likelihood._Flow(model, None, "exact", None, max_batch)
         eps_hat, trace = flow._trace(z, gamma)
-        dense = [torch.autograd.functional.jacobian(lambda v: model._eps_hat(v, gamma[:1], None, 0.0),
+        dense = [torch.autograd.functional.jacobian(lambda v: model.predict_eps(v, gamma[:1], None, 0.0),
                                                     z[i:i + 1]).reshape(16, 16).trace() for i in range(3)]
         assert torch.allclose(trace, torch.stack(dense), rtol=1e-10, atol=1e-10)
-        assert torch.allclose(eps_hat, model._eps_hat(z, gamma, None, 0.0), rtol=0, atol=1e-12)
+        assert torch.allclose(eps_hat, model.predict_eps(z, gamma, None, 0.0), rtol=0, atol=1e-12)
 
 
 def test_ode_bound_parts():
@@ -200,7 +200,7 @@ def test_on_the_digits_an_exact_score_gives_an_ode_bound_equal_to_the_diffusion_
     (Gauss-Legendre in t), and the decoder term cancels (the same eps_0 in both), so what is
     left is the Monte-Carlo noise of the ODE bound's log q - log p_ODE over 8 draws of z_0:
     measured -0.002 +- 0.011 bits per dim over 16 test images."""
-    from vdm_fast import data
+    from vdm_fast.training import data
     from vdm_fast.reference.loss import prior_loss
 
     ds = data.load_digits()
@@ -252,7 +252,7 @@ def test_the_divergence_integral_is_the_log_determinant_of_the_flow_map():
     def velocity(t, z):
         gamma, dgamma = model.gamma(t.clamp(0.0, 1.0).reshape(1))
         sigma2 = torch.sigmoid(gamma)
-        return -0.5 * dgamma * (sigma2 * z - sigma2.sqrt() * model._eps_hat(z, gamma.expand(len(z)), None, 0.0))
+        return -0.5 * dgamma * (sigma2 * z - sigma2.sqrt() * model.predict_eps(z, gamma.expand(len(z)), None, 0.0))
 
     delta, eye = 1e-5, torch.eye(16, dtype=torch.float64)
     copies = torch.cat([z_0.reshape(1, 16) + delta * eye, z_0.reshape(1, 16) - delta * eye]).reshape(32, 1, 4, 4)

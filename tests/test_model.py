@@ -7,7 +7,9 @@ import torch
 from helpers import assert_close
 
 from vdm_fast import nn as vnn
-from vdm_fast.reference import features, loss as ref_loss, sampling
+from vdm_fast.diffusion import features, pixels, sampling
+from vdm_fast.diffusion.process import alpha_sigma
+from vdm_fast.reference import loss as ref_loss
 
 
 def small_vdm(schedule="scalar", attention="middle", channels=1, size=6, vocab=17, n_layer=1):
@@ -77,7 +79,7 @@ def test_vdm_loss_is_the_reference_composition():
     terms = model(x, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     t = (torch.rand((), generator=g, dtype=torch.float64) + torch.arange(3, dtype=torch.float64) / 3) % 1.0
-    f = ref_loss.encode(x, 17, torch.float64)
+    f = pixels.encode(x, 17, torch.float64)
     gamma_t = -13.3 + 18.3 * t
     eps = torch.randn(f.shape, generator=g, dtype=torch.float64)
     eps_hat = model.score_net(ref_loss.diffuse(f, eps, gamma_t), gamma_t)
@@ -105,8 +107,8 @@ def test_ancestral_step_matches_the_gaussian_posterior():
     z_t = ref_loss.diffuse(x, eps, g_t)
     mean = sampling.ancestral_step(z_t, eps, g_t, g_s, torch.zeros_like(x))
     # q(z_s | z_t, x) mean: (alpha_t|s sigma_s^2 / sigma_t^2) z_t + (alpha_s sigma_t|s^2 / sigma_t^2) x
-    a_t, s_t = ref_loss.alpha_sigma(g_t[:, None])
-    a_s, s_s = ref_loss.alpha_sigma(g_s[:, None])
+    a_t, s_t = alpha_sigma(g_t[:, None])
+    a_s, s_s = alpha_sigma(g_s[:, None])
     a_ts = a_t / a_s
     var_ts = s_t**2 - a_ts**2 * s_s**2
     expected = (a_ts * s_s**2 / s_t**2) * z_t + (a_s * var_ts / s_t**2) * x
@@ -123,7 +125,7 @@ def test_bpd_evaluation_runs_without_grad_and_with_T():
 
 # --- the unified view at the model level: parameterisations, weightings, guidance ---------------
 
-from vdm_fast.reference import parameterization as param  # noqa: E402
+from vdm_fast.diffusion import parameterization as param  # noqa: E402
 
 
 class _AsKind(torch.nn.Module):
@@ -182,8 +184,8 @@ def test_guidance_scale_zero_is_the_conditional_model():
     z, gamma, labels = torch.randn(4, 1, 6, 6), torch.full((4,), -2.0), torch.tensor([0, 3, 9, 10])
     with torch.no_grad():
         eps_c, eps_u = net(z, gamma, labels), net(z, gamma, torch.full_like(labels, 10))
-        assert torch.equal(model._eps_hat(z, gamma, labels, 0.0), eps_c)
-        assert_close(model._eps_hat(z, gamma, labels, 2.0), 3.0 * eps_c - 2.0 * eps_u, 1e-6)
+        assert torch.equal(model.predict_eps(z, gamma, labels, 0.0), eps_c)
+        assert_close(model.predict_eps(z, gamma, labels, 2.0), 3.0 * eps_c - 2.0 * eps_u, 1e-6)
     a = model.sample(4, T=3, generator=torch.Generator().manual_seed(0), labels=labels, guidance=0.0)
     b = model.sample(4, T=3, generator=torch.Generator().manual_seed(0), labels=labels, guidance=0.0)
     assert torch.equal(a, b)
@@ -229,12 +231,10 @@ def test_a_training_forward_leaves_nothing_on_the_module(schedule_objective, wei
     x, labels = torch.randint(0, 17, (4, 1, 6, 6)), torch.tensor([0, 1, 2, 3])
     out = model(x, generator=torch.Generator().manual_seed(0), labels=labels)
     assert _attributes(model) == before
-    out.gamma_t.retain_grad()
-    out.dgamma_dt.retain_grad()
     model.objective(out).mean().backward()
     if schedule_objective == "variance":
-        grads = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
-        assert [g.shape for g in grads] == [p.shape for p in model.schedule.network()]
+        params = model.variance_step_(out)
+        assert [p.grad.shape for p in params] == [p.shape for p in model.schedule.network()]
     assert _attributes(model) == before
     assert out.weight.shape == (4,) and not out.weight.requires_grad
     assert out.gamma_t.requires_grad and out.dgamma_dt.requires_grad

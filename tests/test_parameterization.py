@@ -10,7 +10,7 @@ from helpers import RTOL, assert_close, needs_cpu_kernels
 from vdm_fast import ops
 from vdm_fast.ops import loss as ops_loss
 from vdm_fast.reference import loss as ref
-from vdm_fast.reference import parameterization as param
+from vdm_fast.diffusion import parameterization as param
 
 KINDS = param.PREDICTIONS
 

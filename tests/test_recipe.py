@@ -9,7 +9,7 @@ import torch
 
 from vdm_fast import config
 from vdm_fast.nn import VDM, LearnedScalarSchedule, MonotoneNetSchedule, ScoreUNet
-from vdm_fast.train import learning_rate, make_optimizer, weight_decay_split
+from vdm_fast.training.optim import learning_rate, make_optimizer, weight_decay_split
 
 from helpers import assert_close
 
@@ -144,14 +144,13 @@ def test_variance_gradients_are_those_of_the_mean_squared_diffusion_loss():
     out = model(x, t=t, eps=eps, eps_0=eps_0)
     endpoints = torch.autograd.grad(model.objective(out).mean(), (model.schedule.gamma_0, model.schedule.gamma_1))
 
-    # The trainer's way: the objective's gradients at the schedule's outputs, then the companion.
+    # The trainer's way: the objective's backward, then the variance step sets the network's.
     out = model(x, t=t, eps=eps, eps_0=eps_0)
-    out.gamma_t.retain_grad()
-    out.dgamma_dt.retain_grad()
     model.objective(out).mean().backward()
-    got = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
-    for name, g_got, g in zip(("w1", "b1", "w2", "b2", "w3"), got, expected):
-        assert_close(g_got, g, 1e-9, name, atol=1e-15)
+    params = model.variance_step_(out)
+    assert len(params) == len(network) and all(p is q for p, q in zip(params, network))
+    for name, p, g in zip(("w1", "b1", "w2", "b2", "w3"), params, expected):
+        assert_close(p.grad, g, 1e-9, name, atol=1e-15)
     assert_close(model.schedule.gamma_0.grad, endpoints[0], 1e-12, "gamma_0 keeps the bound's gradient")
     assert_close(model.schedule.gamma_1.grad, endpoints[1], 1e-12, "gamma_1 keeps the bound's gradient")
 
@@ -214,8 +213,9 @@ def test_the_digits_4000_preset_is_the_earlier_default_below_the_config_file_and
                                                     (True, "false", None)])
 def test_bf16_autocasts_the_network_on_a_cpu_only_where_it_multiplies_bf16_natively(monkeypatch, tmp_path, native,
                                                                                       flag, autocast):
-    from vdm_fast import backend, train
-    from vdm_fast.distributed import Distributed
+    from vdm_fast import backend
+    from vdm_fast.training import train
+    from vdm_fast.training.distributed import Distributed
 
     monkeypatch.setattr(backend, "CPU_NATIVE_BF16", native)
     cfg = config.parse_args(["--out-dir", str(tmp_path), "--n-embd", "32", "--n-layer", "0", "--device", "cpu",

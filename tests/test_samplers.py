@@ -21,9 +21,10 @@ from torch import nn
 
 from vdm_fast import nn as vnn
 from vdm_fast import samplers
-from vdm_fast.reference.loss import decode
-from vdm_fast.reference.process import alpha_sigma, per_example
-from vdm_fast.reference.sampling import ancestral_step
+from vdm_fast.diffusion.pixels import decode
+from vdm_fast.integrations.adapters import from_diffusers
+from vdm_fast.diffusion.process import alpha_sigma, per_example
+from vdm_fast.diffusion.sampling import ancestral_step
 
 SAMPLERS = [("ancestral", None), ("ddim", None), ("ddim", 0.5), ("dpm-solver", None), ("dpm-solver-sde", None)]
 
@@ -115,7 +116,7 @@ def _todays_vdm_sample(model, n, T, generator, sample_x=False, labels=None, guid
         gammas = model.gamma(grid)[0].detach()
         for i in range(T):
             gamma_t, gamma_s = gammas[i].expand(n), gammas[i + 1].expand(n)
-            eps_hat = model._eps_hat(z, gamma_t, labels, guidance)
+            eps_hat = model.predict_eps(z, gamma_t, labels, guidance)
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
             z = ancestral_step(z, eps_hat, gamma_t, gamma_s, noise)
         gamma_0 = gammas[T].expand(n)
@@ -262,13 +263,13 @@ def test_each_sampler_samples_a_conditional_model_with_guidance(sampler, eta):
     with pytest.raises(ValueError, match="samples with labels"):
         model.sample(4, 3, sampler=sampler, eta=eta)
     calls = []
-    original = model._eps_hat
+    original = model.predict_eps
 
     def spy(z, gamma, labels_, guidance):
         calls.append((labels_, guidance))
         return original(z, gamma, labels_, guidance)
 
-    model._eps_hat = spy
+    model.predict_eps = spy
     run(2.0)
     assert len(calls) == 3 and all(torch.equal(c[0], labels) and c[1] == 2.0 for c in calls)
     assert samplers.network_evaluations(3, guided=True) == 6
@@ -324,17 +325,17 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = ["--out-dir", str(out), "--steps", "2", "--n-embd", "32", "--n-layer", "1", "--batch-size", "16",
             "--sample-n", "0", "--eval-batches", "1", "--warmup", "1", "--log-every", "1"]
-    proc = subprocess.run([sys.executable, "-m", "vdm_fast.train", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "vdm_fast.training.train", *args], capture_output=True, text=True,
                           timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr
     return out / "checkpoint.pt"
 
 
 def test_the_cli_writes_npy_integer_images_and_png_grids(checkpoint, tmp_path, capsys):
-    from vdm_fast import sample as cli
-    from vdm_fast.checkpoint import model_for_cli
+    from vdm_fast.training import sample as cli
+    from vdm_fast.io import load_model_or_exit
 
-    model = model_for_cli(str(checkpoint))[0].eval()
+    model = load_model_or_exit(str(checkpoint))[0].eval()
     today = tmp_path / "today.npy"
     cli.main(["--ckpt", str(checkpoint), "--n", "5", "--T", "3", "--out", str(today), "--device", "cpu"])
     arr = np.load(today, allow_pickle=False)
@@ -361,7 +362,7 @@ def test_the_cli_writes_npy_integer_images_and_png_grids(checkpoint, tmp_path, c
 # --- the diffusers scheduler --------------------------------------------------------------------
 
 def test_importing_vdm_fast_never_imports_diffusers():
-    code = ("import sys, vdm_fast, vdm_fast.nn, vdm_fast.samplers, vdm_fast.sample; "
+    code = ("import sys, vdm_fast, vdm_fast.nn, vdm_fast.samplers, vdm_fast.training.sample; "
             "assert 'diffusers' not in sys.modules, 'diffusers imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/",
                           env={**os.environ})
@@ -381,7 +382,7 @@ def _diffusers_loop(scheduler, eps_model, shape, steps, seed, dtype=torch.float6
 @pytest.mark.parametrize("schedule", ["fixed", "scalar", "nnet", "pinned"])
 def test_a_diffusers_loop_with_the_scheduler_is_vdm_fasts_sampler(schedule, sampler, eta, tmp_path):
     pytest.importorskip("diffusers")
-    from vdm_fast.diffusers_scheduler import VDMScheduler
+    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
 
     model = gaussian_vdm()  # smooth in z: the comparison is not amplified chaos (see the ddim test)
     model.schedule = _schedule(schedule).double()
@@ -401,7 +402,7 @@ def test_a_diffusers_loop_with_the_scheduler_is_vdm_fasts_sampler(schedule, samp
 
 def test_the_scheduler_runs_a_random_unet_vdm_as_vdm_fast_does():
     pytest.importorskip("diffusers")
-    from vdm_fast.diffusers_scheduler import VDMScheduler
+    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
 
     model = small_vdm("scalar", perturb=0.05, dtype=torch.float64)
     scheduler = VDMScheduler.from_vdm(model)
@@ -411,7 +412,7 @@ def test_the_scheduler_runs_a_random_unet_vdm_as_vdm_fast_does():
 
 def test_the_scheduler_guides_and_noises_as_vdm_fast_does():
     pytest.importorskip("diffusers")
-    from vdm_fast.diffusers_scheduler import VDMScheduler
+    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
     from vdm_fast.reference.loss import diffuse
 
     model = gaussian_vdm("nnet", means=(0.3, -0.2, 0.05), num_classes=2)
@@ -438,13 +439,13 @@ def test_a_diffusers_unet_in_the_loop_takes_the_schedulers_timesteps_directly():
     timesteps, so the U-Net itself goes in the loop unwrapped."""
     torchvision_or_stub()
     diffusers = pytest.importorskip("diffusers")
-    from vdm_fast.diffusers_scheduler import VDMScheduler
+    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                                  block_out_channels=(32, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
-    model = vnn.VDM(vnn.from_diffusers(unet, -7.0, 5.0), vnn.FixedLinearSchedule(-7.0, 5.0), (1, 8, 8), vocab_size=17)
+    model = vnn.VDM(from_diffusers(unet, -7.0, 5.0), vnn.FixedLinearSchedule(-7.0, 5.0), (1, 8, 8), vocab_size=17)
     scheduler = VDMScheduler.from_vdm(model)
     g = torch.Generator().manual_seed(0)
     z_1 = torch.randn((2, 1, 8, 8), generator=g)

@@ -9,7 +9,7 @@ from vdm_fast import ops
 from vdm_fast import nn as vnn
 from vdm_fast.ops import schedule as ops_schedule
 from vdm_fast.reference import schedule as ref
-from vdm_fast.reference import times as ref_times
+from vdm_fast.diffusion import times as ref_times
 
 
 def _random_nnet_params(n=64, dtype=torch.float64):

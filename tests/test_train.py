@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from vdm_fast import config, data, train
-from vdm_fast.checkpoint import load
+from vdm_fast import config
+from vdm_fast.training import data, train
+from vdm_fast.io.checkpoint import load
 
 TINY = ["--n-embd", "32", "--n-layer", "1", "--batch-size", "16", "--log-every", "2",
         "--sample-n", "4", "--sample-T", "3", "--eval-batches", "2", "--warmup", "5"]
@@ -140,7 +141,7 @@ def test_missing_or_malformed_data_says_what_and_where(tmp_path, name, make, mat
 
 def test_training_runs_and_reports_bpd_beside_the_baseline(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", "--ckpt-every", "2",
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", "--ckpt-every", "2",
                                       "--eval-T", "5", *TINY])
     assert proc.returncode == 0, proc.stderr
     assert "test bpd (continuous time, EMA weights)" in proc.stdout and "histogram baseline" in proc.stdout
@@ -155,22 +156,22 @@ def test_training_runs_and_reports_bpd_beside_the_baseline(tmp_path):
     assert state["step"] == 4 and state["data_position"] == {"epoch": 0, "batch": 4}
 
     # The evaluation and sampling entries work from the checkpoint.
-    ev = run_cli("vdm_fast.evaluate", ["--ckpt", str(out / "checkpoint.pt"), "--batches", "1"])
+    ev = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(out / "checkpoint.pt"), "--batches", "1"])
     assert ev.returncode == 0 and "test bpd" in ev.stdout, ev.stderr
     grid = tmp_path / "s.png"
-    sm = run_cli("vdm_fast.sample", ["--ckpt", str(out / "checkpoint.pt"), "--n", "4", "--T", "3", "--out", str(grid)])
+    sm = run_cli("vdm_fast.training.sample", ["--ckpt", str(out / "checkpoint.pt"), "--n", "4", "--T", "3", "--out", str(grid)])
     assert sm.returncode == 0 and grid.stat().st_size > 0, sm.stderr
 
     # Starting afresh over an existing run is refused; nothing is overwritten.
     before = (out / "checkpoint.pt").read_bytes()
-    again = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", *TINY])
+    again = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", *TINY])
     assert again.returncode != 0 and "pass --resume" in again.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def _interrupted_then_resumed(tmp_path, sig, steps, args):
     out = tmp_path / f"interrupted_{sig}"
-    cmd = [sys.executable, "-m", "vdm_fast.train", "--out-dir", str(out), "--steps", str(steps), *args]
+    cmd = [sys.executable, "-m", "vdm_fast.training.train", "--out-dir", str(out), "--steps", str(steps), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/")
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -181,7 +182,7 @@ def _interrupted_then_resumed(tmp_path, sig, steps, args):
     assert 0 < stopped_at < steps, f"the run was not interrupted mid-way (stopped at {stopped_at}): {err}"
     if sig != signal.SIGKILL:
         assert proc.returncode == 128 + sig and "Continue with --resume" in err
-    resumed = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", str(steps), "--resume", *args])
+    resumed = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", str(steps), "--resume", *args])
     assert resumed.returncode == 0, resumed.stderr
     return out
 
@@ -191,7 +192,7 @@ def test_interrupted_and_resumed_run_matches_a_straight_run(tmp_path, sig):
     steps = 60
     args = [*TINY, "--ckpt-every", "5", "--sample-n", "0", "--dropout", "0.1"]
     straight = tmp_path / "straight"
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(straight), "--steps", str(steps), *args])
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(straight), "--steps", str(steps), *args])
     assert proc.returncode == 0, proc.stderr
     resumed = _interrupted_then_resumed(tmp_path, sig, steps, args)
     assert_same_state(params(straight), params(resumed))
@@ -199,15 +200,15 @@ def test_interrupted_and_resumed_run_matches_a_straight_run(tmp_path, sig):
 
 def test_resume_refuses_missing_corrupt_and_incompatible_checkpoints(tmp_path):
     out = tmp_path / "run"
-    missing = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "2", "--resume", *TINY])
+    missing = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "2", "--resume", *TINY])
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr
-    ok = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
+    ok = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "2", *TINY, "--sample-n", "0"])
     assert ok.returncode == 0, ok.stderr
-    other = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", "--resume",
+    other = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", "--resume",
                                        *TINY, "--n-embd", "64"])
     assert other.returncode != 0 and "n_embd" in other.stderr
     (out / "checkpoint.pt").write_bytes(b"\x00garbage")
-    corrupt = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", "--resume", *TINY])
+    corrupt = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", "--resume", *TINY])
     assert corrupt.returncode != 0 and "corrupt" in corrupt.stderr
 
 
@@ -235,7 +236,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 def test_conditional_training_with_other_targets_and_guided_sampling(tmp_path):
     out = tmp_path / "cond"
-    proc = run_cli("vdm_fast.train", ["--out-dir", str(out), "--steps", "4", *TINY, "--conditional",
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(out), "--steps", "4", *TINY, "--conditional",
                                       "--guidance", "1.5", "--prediction", "v", "--weighting", "sigmoid"])
     assert proc.returncode == 0, proc.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -243,11 +244,11 @@ def test_conditional_training_with_other_targets_and_guided_sampling(tmp_path):
     state = params(out)
     assert state["num_classes"] == 10 and state["config"]["prediction"] == "v"
     grid = tmp_path / "three.png"
-    sm = run_cli("vdm_fast.sample", ["--ckpt", str(out / "checkpoint.pt"), "--n", "3", "--T", "2", "--label", "3",
+    sm = run_cli("vdm_fast.training.sample", ["--ckpt", str(out / "checkpoint.pt"), "--n", "3", "--T", "2", "--label", "3",
                                      "--guidance", "2", "--out", str(grid)])
     assert sm.returncode == 0 and grid.stat().st_size > 0, sm.stderr
     arr = np.zeros((12, 4, 4, 1), np.uint8)
     np.save(tmp_path / "unlabelled.npy", arr)
-    refused = run_cli("vdm_fast.train", ["--out-dir", str(tmp_path / "x"), "--data", "npy", "--data-dir",
+    refused = run_cli("vdm_fast.training.train", ["--out-dir", str(tmp_path / "x"), "--data", "npy", "--data-dir",
                                          str(tmp_path / "unlabelled.npy"), "--conditional", *TINY, "--batch-size", "4"])
     assert refused.returncode != 0 and "labelled dataset" in refused.stderr

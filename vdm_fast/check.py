@@ -14,7 +14,7 @@ import time
 import torch
 
 import vdm_fast
-from vdm_fast import backend, cli, ops
+from vdm_fast import backend, ops
 from vdm_fast import reference as ref
 from vdm_fast.tolerance import RTOL
 
@@ -118,8 +118,10 @@ def check(device: torch.device, timing: bool = True):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.check"), description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m vdm_fast.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-timing", action="store_true", help="skip the fused/reference timing")
     args = parser.parse_args(argv)

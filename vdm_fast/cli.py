@@ -1,17 +1,17 @@
 """The installed command ``vdm-fast``: one entry to the package's command-line tools.
 
-    vdm-fast train [flags]              (python -m vdm_fast.train)
-    vdm-fast evaluate --ckpt CKPT       (python -m vdm_fast.evaluate)
-    vdm-fast sample --ckpt CKPT         (python -m vdm_fast.sample)
-    vdm-fast compress encode|decode     (python -m vdm_fast.compress)
-    vdm-fast export --ckpt CKPT --out D (python -m vdm_fast.export)
+    vdm-fast train [flags]              (python -m vdm_fast.training.train)
+    vdm-fast evaluate --ckpt CKPT       (python -m vdm_fast.training.evaluate)
+    vdm-fast sample --ckpt CKPT         (python -m vdm_fast.training.sample)
+    vdm-fast compress encode|decode     (python -m vdm_fast.codec.compress)
+    vdm-fast export --ckpt CKPT --out D (python -m vdm_fast.training.export)
     vdm-fast check [--device cuda]      (python -m vdm_fast.check)
-    vdm-fast curves RUN_DIR             (python -m vdm_fast.curves)
+    vdm-fast curves RUN_DIR             (python -m vdm_fast.training.curves)
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)``, so its flags
 and its ``--help`` are the module's own. A console script does not put the working directory on
 ``sys.path``: from a source checkout's root it still runs the installed build (with its compiled
-``vdm_fast._C`` and ``vdm_fast.kernels``), where ``python -m vdm_fast.train`` would find the source
+``vdm_fast._C`` and ``vdm_fast.kernels``), where ``python -m vdm_fast.training.train`` would find the source
 folder. Each module is imported only when its subcommand runs, so ``vdm-fast --help`` imports
 none of the extras.
 """
@@ -22,24 +22,14 @@ import sys
 
 # subcommand -> (module whose main(argv) it runs, one line for vdm-fast --help)
 COMMANDS = {
-    "train": ("vdm_fast.train", "train a VDM and report its test bits per dim (default: the bundled digits, CPU)"),
-    "evaluate": ("vdm_fast.evaluate", "test bits per dim of a checkpoint, with its EMA weights"),
-    "sample": ("vdm_fast.sample", "draw samples from a checkpoint (ancestral, DDIM, DPM-Solver++) as a PNG grid or .npy"),
-    "compress": ("vdm_fast.compress", "bits-back lossless compression: encode | decode"),
-    "export": ("vdm_fast.export", "write a checkpoint's weights as model.safetensors + config.json"),
+    "train": ("vdm_fast.training.train", "train a VDM and report its test bits per dim (default: the bundled digits, CPU)"),
+    "evaluate": ("vdm_fast.training.evaluate", "test bits per dim of a checkpoint, with its EMA weights"),
+    "sample": ("vdm_fast.training.sample", "draw samples from a checkpoint (ancestral, DDIM, DPM-Solver++) as a PNG grid or .npy"),
+    "compress": ("vdm_fast.codec.compress", "bits-back lossless compression: encode | decode"),
+    "export": ("vdm_fast.training.export", "write a checkpoint's weights as model.safetensors + config.json"),
     "check": ("vdm_fast.check", "self-test every op on this device against its reference; prints the build"),
-    "curves": ("vdm_fast.curves", "redraw a run folder's learning curves and learned schedule (curves.png)"),
+    "curves": ("vdm_fast.training.curves", "redraw a run folder's learning curves and learned schedule (curves.png)"),
 }
-
-
-# module -> the command that is running it now (set by main below), for its usage line.
-_RUNNING_AS = {}
-
-
-def prog(module: str) -> str:
-    """The program name in a module's usage and error lines: ``vdm-fast COMMAND`` when this
-    console command runs it, else ``python -m MODULE``."""
-    return _RUNNING_AS.get(module, f"python -m {module}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdm-fast",
         description="Variational Diffusion Models with fused kernels: the command-line tools.",
-        epilog="'vdm-fast COMMAND --help' lists a command's flags. 'vdm-fast COMMAND ...' is "
-               "'python -m vdm_fast.COMMAND ...' run against the installed package.",
+        epilog="'vdm-fast COMMAND --help' lists a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"vdm_fast {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -72,11 +61,7 @@ def main(argv=None) -> int:
         return 2
     module_name, _ = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)  # lazily: only the subcommand that runs
-    _RUNNING_AS[module_name] = f"vdm-fast {argv[0]}"
-    try:
-        status = module.main(argv[1:])
-    finally:
-        del _RUNNING_AS[module_name]
+    status = module.main(argv[1:], prog=f"vdm-fast {argv[0]}")
     # check returns its exit status; the others return None (or a report) and exit through
     # SystemExit on failure.
     return status if isinstance(status, int) and not isinstance(status, bool) else 0

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from vdm_fast import backend, cli
+from vdm_fast import backend
 from vdm_fast.nn.schedule import SCHEDULES
 from vdm_fast.nn.vdm import SCHEDULE_OBJECTIVES
-from vdm_fast.reference.parameterization import PREDICTIONS
-from vdm_fast.reference.weighting import WEIGHTINGS
+from vdm_fast.diffusion.parameterization import PREDICTIONS
+from vdm_fast.diffusion.weighting import WEIGHTINGS
 
 
 @dataclass
@@ -131,8 +131,9 @@ def _field_type(f):
     return _parse_bool if kind is bool else kind
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.train"),
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The trainer's command line (``prog``: the program name its usage lines show)."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Train a Variational Diffusion Model and report its test bpd.")
     parser.add_argument("--preset", choices=tuple(PRESETS),
                         help="a named recipe (below the config file and the flags): " + ", ".join(PRESETS))
@@ -250,8 +251,9 @@ def resolve(overrides: dict) -> TrainConfig:
     return cfg
 
 
-def parse_args(argv=None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+def parse_args(argv=None, prog: Optional[str] = None) -> TrainConfig:
+    """The ``TrainConfig`` of a command line: preset, then config file, then flags."""
+    args = vars(build_parser(prog).parse_args(argv))
     preset, config_file = args.pop("preset", None), args.pop("config", None)
     values = dict(PRESETS[preset]) if preset else {}
     values.update(load_file(config_file) if config_file else {})

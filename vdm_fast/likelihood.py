@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from vdm_fast import ops
-from vdm_fast._extras import require
-from vdm_fast.reference.loss import bits_per_dim, encode
-from vdm_fast.reference.process import alpha_sigma
+from vdm_fast.extras import require
+from vdm_fast.diffusion.pixels import bits_per_dim, encode
+from vdm_fast.diffusion.process import alpha_sigma
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -92,7 +92,7 @@ class _Flow:
         self.nfe = 0
 
     def _eps_hat(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor]) -> Tensor:
-        return self.model._eps_hat(z, gamma, labels, 0.0)
+        return self.model.predict_eps(z, gamma, labels)
 
     def _vjps(self, z: Tensor, gamma: Tensor, cotangents: Tensor):
         """``eps_hat(z)`` and ``c_k^T d eps_hat / d z`` for each cotangent ``c_k`` (``[K, B, D]``):

@@ -2,7 +2,7 @@
 
 Every sampler starts from ``z_1 ~ N(0, I)``, walks a grid of times from ``t = 1`` down to
 ``t = 0`` calling the network once per step (twice under classifier-free guidance, through
-``VDM._eps_hat``), and ends by decoding ``z_0`` with the model's decoder, as ``VDM.sample``
+``VDM.predict_eps``), and ends by decoding ``z_0`` with the model's decoder, as ``VDM.sample``
 always has. In the VDM's notation (``sigma^2 = sigmoid(gamma)``, ``alpha^2 = sigmoid(-gamma)``,
 log-SNR ``lambda = -gamma``), from ``z_t`` to ``z_s``, ``s < t``, with the noise prediction
 ``eps`` and the data prediction ``x = (z_t - sigma_t eps) / alpha_t``:
@@ -11,7 +11,7 @@ log-SNR ``lambda = -gamma``), from ``z_t`` to ``z_s``, ``s < t``, with the noise
 sampler      step
 ============ ==============================================================================
 ancestral    ``z_s ~ q(z_s | z_t, x)``: the chain the discrete-time bound is written for
-             (``vdm_fast.reference.sampling.ancestral_step``)
+             (``vdm_fast.diffusion.sampling.ancestral_step``)
 ddim         ``z_s = alpha_s x + sqrt(sigma_s^2 - v) eps + sqrt(v) noise``,
              ``v = eta^2 sigma_s^2 (1 - SNR_t / SNR_s)`` (Song et al. 2021): ``eta = 1`` is the
              ancestral step (the same noises give the same chain), ``eta = 0`` the
@@ -41,7 +41,7 @@ ancestral and ddim, ``"lambda"`` for the two dpm-solvers, as each paper has it.
 
 ``sample`` is the whole of it (``VDM.sample(..., sampler=...)`` calls it); ``denoise`` maps a
 given ``z_1`` to ``z_0`` and ``decode`` turns ``z_0`` into integer images, for a caller that
-brings its own noise or its own loop (``vdm_fast.diffusers_scheduler``).
+brings its own noise or its own loop (``vdm_fast.integrations.diffusers_scheduler``).
 """
 
 import math
@@ -50,10 +50,10 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from vdm_fast.ops import _validate
-from vdm_fast.reference.loss import decode as _decode
-from vdm_fast.reference.process import alpha_sigma, per_example
-from vdm_fast.reference.sampling import ancestral_step
+from vdm_fast import validate
+from vdm_fast.diffusion.pixels import decode as _decode
+from vdm_fast.diffusion.process import alpha_sigma, per_example
+from vdm_fast.diffusion.sampling import ancestral_step
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver", "dpm-solver-sde")
 STOCHASTIC = ("ancestral", "dpm-solver-sde")  # and ddim with eta > 0
@@ -67,7 +67,7 @@ def check_sampler(sampler: str, eta: Optional[float] = None, spacing: Optional[s
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if eta is not None:
-        _validate.finite_number("eta", eta)
+        validate.finite_number("eta", eta)
         if sampler != "ddim":
             raise ValueError(f"eta applies to the ddim sampler only (ancestral is ddim with eta = 1), got eta={eta} "
                              f"with sampler={sampler!r}")
@@ -153,7 +153,7 @@ def time_grid(model, steps: int, spacing: str = "time", device=None, dtype=None)
     schedule's at those times (equal to the even ones to the working precision). ``model``: a
     ``VDM``, or anything with ``dtype`` and ``gamma(t)`` (returning ``gamma`` or ``(gamma,
     gamma')``)."""
-    _validate.finite_number("steps", steps, positive=True, integer=True)
+    validate.finite_number("steps", steps, positive=True, integer=True)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     dtype = model.dtype if dtype is None else dtype
@@ -245,8 +245,8 @@ def denoise(model, z: Tensor, steps: int, sampler: str = "ancestral", *, eta: Op
 def _denoise(model, z, steps, sampler, eta, spacing, labels, guidance, generator):
     """``(z_0, gamma_0)``: ``denoise``, and the grid's ``gamma(0)`` that ``decode`` takes."""
     eta, spacing = check_sampler(sampler, eta, spacing)
-    _validate.finite_number("steps", steps, positive=True, integer=True)
-    _validate.finite_number("guidance", guidance)
+    validate.finite_number("steps", steps, positive=True, integer=True)
+    validate.finite_number("guidance", guidance)
     n, device = z.shape[0], z.device
     _check_labels(model, n, labels)
     _, gammas = time_grid(model, steps, spacing, device=device, dtype=z.dtype)
@@ -254,7 +254,7 @@ def _denoise(model, z, steps, sampler, eta, spacing, labels, guidance, generator
     x_prev = h_prev = None
     for i in range(steps):
         gamma_t, gamma_s = gammas[i].expand(n), gammas[i + 1].expand(n)
-        eps_hat = model._eps_hat(z, gamma_t, labels, guidance)
+        eps_hat = model.predict_eps(z, gamma_t, labels, guidance)
         if sampler == "ancestral":
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
             z = ancestral_step(z, eps_hat, gamma_t, gamma_s, noise)
@@ -299,9 +299,9 @@ def sample(model, n: int, steps: int, sampler: str = "ancestral", *, eta: Option
     (DPM-Solver++(2M)) or ``"dpm-solver-sde"`` (SDE-DPM-Solver++(2M)); ``spacing``: ``"time"`` or ``"lambda"`` (the sampler's default: see
     the module). A conditional model takes ``labels [n]`` (``num_classes``: unconditional) and a
     classifier-free ``guidance`` scale w >= 0 (0: the plain conditional model)."""
-    _validate.finite_number("n", n, positive=True, integer=True)
-    _validate.finite_number("steps", steps, positive=True, integer=True)
-    _validate.finite_number("guidance", guidance)
+    validate.finite_number("n", n, positive=True, integer=True)
+    validate.finite_number("steps", steps, positive=True, integer=True)
+    validate.finite_number("guidance", guidance)
     check_sampler(sampler, eta, spacing)
     _check_labels(model, n, labels)
     device = device if device is not None else next(model.parameters()).device

@@ -1,6 +1,5 @@
 """Modules built on ``vdm_fast.ops``: noise schedules, the score U-Net and the VDM model."""
 
-from vdm_fast.nn.adapters import from_denoising_diffusion_pytorch, from_diffusers
 from vdm_fast.nn.blocks import AttnBlock, GroupNormSiLU
 from vdm_fast.nn.schedule import (SCHEDULES, FixedLinearSchedule, LearnedScalarSchedule, MonotoneNetSchedule,
                                   gamma_and_derivative)
@@ -10,4 +9,4 @@ from vdm_fast.ops.loss import VLBTerms
 
 __all__ = ["AttnBlock", "GroupNormSiLU", "SCHEDULES", "FixedLinearSchedule", "LearnedScalarSchedule",
            "MonotoneNetSchedule", "ResnetBlock", "ScoreUNet", "VDM", "VDMOutput", "VLBTerms",
-           "from_denoising_diffusion_pytorch", "from_diffusers", "gamma_and_derivative"]
+           "gamma_and_derivative"]

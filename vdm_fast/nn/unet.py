@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from vdm_fast.nn.blocks import AttnBlock, GroupNormSiLU, conv3x3, dense
 from vdm_fast.nn.dropout import Dropout
-from vdm_fast.reference.features import fourier_features, timestep_embedding
+from vdm_fast.diffusion.features import fourier_features, timestep_embedding
 
 
 class ResnetBlock(nn.Module):

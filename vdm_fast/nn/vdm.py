@@ -7,13 +7,13 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from vdm_fast import ops
+from vdm_fast import ops, validate
+from vdm_fast.diffusion.pixels import bits_per_dim, encode
+from vdm_fast.diffusion.parameterization import check_prediction, to_eps
+from vdm_fast.diffusion import draws
+from vdm_fast.diffusion.times import discretize_time
+from vdm_fast.diffusion.weighting import WEIGHTINGS, diffusion_weight
 from vdm_fast.nn.schedule import FixedLinearSchedule, gamma_and_derivative
-from vdm_fast.ops import _validate
-from vdm_fast.reference.loss import bits_per_dim, encode
-from vdm_fast.reference.parameterization import check_prediction, to_eps
-from vdm_fast.reference.times import antithetic_times, discretize_time
-from vdm_fast.reference.weighting import WEIGHTINGS, diffusion_weight
 
 SCHEDULE_OBJECTIVES = ("elbo", "variance")
 
@@ -63,7 +63,7 @@ class VDM(nn.Module):
     Args:
         score_net: ``pred = score_net(z_t, gamma_t[, labels])`` returning a tensor of ``z_t``'s
             shape, e.g. ``vdm_fast.nn.ScoreUNet``; wrap a ``diffusers`` or lucidrains U-Net with
-            ``vdm_fast.nn.from_diffusers`` / ``from_denoising_diffusion_pytorch``.
+            ``vdm_fast.integrations.adapters.from_diffusers`` / ``from_denoising_diffusion_pytorch``.
         schedule: ``(gamma, gamma') = schedule(t)``, e.g. ``vdm_fast.nn.LearnedScalarSchedule``,
             or any differentiable callable ``gamma = schedule(t)`` (another library's schedule,
             e.g. ``lambda t: -log_snr(t)``): its derivative is then taken by autograd
@@ -98,7 +98,7 @@ class VDM(nn.Module):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        _validate.finite_number("vocab_size", vocab_size, positive=True, integer=True)
+        validate.finite_number("vocab_size", vocab_size, positive=True, integer=True)
         check_prediction(prediction)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -115,21 +115,6 @@ class VDM(nn.Module):
         self.vocab_size, self.antithetic = vocab_size, antithetic
         self.prediction, self.weighting, self.sigmoid_bias = prediction, weighting, float(sigmoid_bias)
         self.num_classes, self.label_dropout = int(num_classes), float(label_dropout)
-
-    @classmethod
-    def from_pretrained(cls, folder) -> "VDM":
-        """The model a ``python -m vdm_fast.export`` folder holds (``model.safetensors`` and
-        ``config.json``), on the CPU in eval mode. Reads JSON and safetensors only (nothing is
-        unpickled) and checks the weights' SHA-256; a missing, damaged or mismatched file is
-        refused by name (``vdm_fast.export.PretrainedError``). Needs the ``export`` extra
-        (``pip install 'vdm_fast[export]'``). ``vdm_fast.export.load_pretrained`` also gives the
-        config and the folder's details."""
-        from vdm_fast.export import load_pretrained  # the driver's modules: not imported with nn
-
-        model, _, _ = load_pretrained(folder)
-        if not isinstance(model, cls):
-            raise TypeError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     def gamma(self, t: Tensor):
         """``(gamma(t), gamma'(t))`` of the schedule."""
@@ -171,11 +156,6 @@ class VDM(nn.Module):
         p = next(self.parameters(), None)
         return p.dtype if p is not None else torch.get_default_dtype()
 
-    def _times(self, B: int, device, generator) -> Tensor:
-        if self.antithetic:
-            return antithetic_times(B, generator=generator, device=device, dtype=self.dtype)
-        return torch.rand(B, generator=generator, device=device, dtype=self.dtype)
-
     def _noise(self, given: Optional[Tensor], like: Tensor, generator) -> Tensor:
         if given is None:
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
@@ -203,19 +183,18 @@ class VDM(nn.Module):
             out = model(x)
             model.objective(out).mean().backward()
 
-        and under ``schedule_objective="variance"``, with ``out.gamma_t.retain_grad()`` and
-        ``out.dgamma_dt.retain_grad()`` before that backward, then the network's gradients
-        ``model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)``.
+        and under ``schedule_objective="variance"``, after that backward,
+        ``model.variance_step_(out)`` (which sets the schedule network's gradients).
 
         Under a weighting other than ``"elbo"`` the graph is built so that the bound's gradient
         trains the score network on the weighted loss and the schedule on the bound (below).
         """
-        _validate.finite_number("T", T, integer=True)
+        validate.finite_number("T", T, integer=True)
         if T < 0:
             raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
         if self.schedule_objective == "variance" and T:
             raise ValueError("schedule_objective='variance' is defined for the continuous-time loss (T = 0)")
-        _validate.images("x", x, self.vocab_size)
+        validate.image_tensor("x", x)
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must be [B, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
         B, device, dtype = x.shape[0], x.device, self.dtype
@@ -223,13 +202,17 @@ class VDM(nn.Module):
 
         # Times (on the T-step grid: t and s = t - 1/T) and one schedule call for every time the
         # bound needs: t (and s), 0 and 1.
-        t = self._times(B, device, generator) if t is None else t.to(device, dtype)
+        t = draws.times(B, self.antithetic, generator, device, dtype) if t is None else t.to(device, dtype)
         s = None
         if T > 0:
             t, s = discretize_time(t, T)
         times = [t, s] if T else [t]
         gamma, dgamma = self.gamma(torch.cat([*times, t.new_zeros(1), t.new_ones(1)]))
         gamma_t, dgamma_dt = gamma[:B], dgamma[:B]
+        if self.schedule_objective == "variance" and gamma_t.requires_grad:
+            # variance_step_ reads the objective's gradient at the schedule's outputs.
+            gamma_t.retain_grad()
+            dgamma_dt.retain_grad()
         gamma_s = gamma[B:2 * B] if T else None
         gamma_0, gamma_1 = gamma[-2], gamma[-1]  # one value for the batch: the ops broadcast it
 
@@ -253,21 +236,11 @@ class VDM(nn.Module):
             pred = _scale_grad(pred, weight)
         eps_0 = self._noise(eps_0, f, generator)  # after the network, whose dropout may share the RNG
 
-        # 1. Reconstruction loss: -log p(x | z_0), with z_0 / alpha_0 = f + exp(gamma_0 / 2) eps_0.
-        reconstruction = ops.reconstruction_loss(x, eps_0, gamma_0, self.vocab_size)
-
-        # 2. Prior (latent) loss: KL(q(z_1 | x) || N(0, I)).
-        prior = ops.prior_loss(f, gamma_1)
-
-        # 3. Diffusion loss: 0.5 gamma'(t) ||eps - eps_hat||^2 in continuous time, or
-        # 0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 with T steps.
-        if T == 0:
-            diffusion = ops.diffusion_loss(eps, pred, dgamma_dt, prediction=self.prediction, x=f, gamma_t=gamma_t)
-        else:
-            diffusion = ops.diffusion_loss_discrete(eps, pred, gamma_t, gamma_s, T, prediction=self.prediction, x=f)
-
-        bpd = bits_per_dim(reconstruction + prior + diffusion, self._dims)
-        return VDMOutput(reconstruction, prior, diffusion, bpd, t, gamma_t, dgamma_dt, weight)
+        # The bound's three terms and bits per dim, composed once, by the ops: x's values are
+        # checked there (one host sync a step), the reconstruction loss needing them anyway.
+        terms = ops.vlb_terms(x, eps, pred, eps_0, gamma_t, gamma_0, gamma_1, dgamma_dt=dgamma_dt, gamma_s=gamma_s,
+                              T=T, vocab_size=self.vocab_size, prediction=self.prediction)
+        return VDMOutput(*terms, t, gamma_t, dgamma_dt, weight)
 
     def objective(self, out: VDMOutput) -> Tensor:
         """The training objective of a forward's ``out``, per example ``[B]``, in bits per dim.
@@ -300,6 +273,18 @@ class VDM(nn.Module):
         loss = bits_per_dim(out.diffusion.detach(), self._dims)
         return self.schedule.variance_gradients(out.t, grad_gamma, grad_dgamma, loss)
 
+    def variance_step_(self, out: VDMOutput) -> list:
+        """After ``objective(out).mean().backward()`` of a ``schedule_objective="variance"``
+        model: replace the schedule network's gradients by those of the variance
+        (``variance_gradients``). Returns the parameters whose ``.grad`` it set, which a
+        data-parallel trainer averages over its processes (the backward's all-reduce has passed)."""
+        if out.gamma_t.grad is None:
+            raise RuntimeError("variance_step_ runs after the backward of a training forward's objective")
+        params = list(self.schedule.network())
+        for p, g in zip(params, self.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)):
+            p.grad = g
+        return params
+
     @torch.no_grad()
     def bpd(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
         """Bits per dim of each image (one Monte-Carlo sample of the bound; ``T = 0``: continuous).
@@ -308,8 +293,12 @@ class VDM(nn.Module):
         """
         return self(x, T, generator).bpd
 
-    def _eps_hat(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor], guidance: float) -> Tensor:
-        """The noise prediction, guided: ``(1 + w) eps(z, c) - w eps(z)`` (classifier-free)."""
+    def predict_eps(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor] = None, guidance: float = 0.0) -> Tensor:
+        """The network's noise prediction at ``(z, gamma)``, whatever it predicts (x, v and score
+        converted to eps), in the model's autocast: what the samplers, the ODE likelihood, the
+        codec and the diffusers scheduler call. ``labels`` ``[B]`` of a conditional model
+        (``num_classes``: no class); ``guidance`` w: classifier-free guidance,
+        ``(1 + w) eps(z, c) - w eps(z)`` (0: the plain conditional prediction)."""
         eps_c = to_eps(self._net(z, gamma, labels), z, gamma, self.prediction)
         if labels is None or guidance == 0.0:
             return eps_c
@@ -331,9 +320,9 @@ class VDM(nn.Module):
         ``sampler="ddim"`` (with ``eta`` in [0, 1], default 0) or ``"dpm-solver"``
         (DPM-Solver++(2M)) take ``T`` steps of that sampler instead; ``spacing``: ``"time"`` or
         ``"lambda"`` (uniform log-SNR). See ``vdm_fast.samplers``, which this calls."""
-        from vdm_fast.samplers import sample  # the samplers build on the model, not the reverse
+        from vdm_fast.samplers import sample  # samplers is imported by nothing below it: a cycle never forms here
 
-        _validate.finite_number("n", n, positive=True, integer=True)
-        _validate.finite_number("T", T, positive=True, integer=True)
+        validate.finite_number("n", n, positive=True, integer=True)
+        validate.finite_number("T", T, positive=True, integer=True)
         return sample(self, n, T, sampler, eta=eta, spacing=spacing, generator=generator, device=device,
                       sample_x=sample_x, labels=labels, guidance=guidance)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from vdm_fast import backend
 from vdm_fast.kernels import attention_tiles
-from vdm_fast.ops import _validate
+from vdm_fast import validate
 from vdm_fast.ops._library import kernel_op
 from vdm_fast.ops.norm import _group_norm_silu
 from vdm_fast.reference import attention as ref
@@ -97,18 +97,18 @@ def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Te
     """``x + proj_out(attention(GroupNorm(x)))`` over the ``H * W`` tokens of NCHW ``x``, the
     official ``AttnBlock``; ``w_qkv [3C, C]``, ``w_out [C, C]`` in ``Linear`` layout, softmax
     scale ``1 / sqrt(C / num_heads)``."""
-    _validate.tensor("x", x, floating=True)
+    validate.tensor("x", x, floating=True)
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     C = x.shape[1]
-    _validate.positive_int("num_heads", num_heads)
-    _validate.positive_int("num_groups", num_groups)
-    _validate.finite_number("eps", eps, positive=True)
+    validate.positive_int("num_heads", num_heads)
+    validate.positive_int("num_groups", num_groups)
+    validate.finite_number("eps", eps, positive=True)
     if C % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide the channels of x ({C})")
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    _validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
+    validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
                         ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))],
                        "x", x)
     impl = backend.implementation("attention", x.device, x.dtype)

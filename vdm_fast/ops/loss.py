@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vdm_fast import backend
-from vdm_fast.ops import _validate
+from vdm_fast import validate
 from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import loss as ref
-from vdm_fast.reference import parameterization as param
+from vdm_fast.diffusion import parameterization as param
+from vdm_fast.diffusion import pixels
 
 # Element dtypes the kernels read x in directly; other dtypes are converted first.
 _X_KERNEL_DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
@@ -109,7 +110,7 @@ _diffuse.register_autograd(_diffuse_grad, setup_context=_diffuse_setup)
 # --- vdm_fast::sum_squared_error ----------------------------------------------------------------
 # sum_d (x - a y - c w)^2 per example: x a prediction, the target a per-example combination of
 # y and w (a, c: [B], absent = 1; y, w absent = no term). Covers the eps, x, v and score losses
-# (vdm_fast.reference.parameterization) and the prior's sum of squares in one pass.
+# (vdm_fast.diffusion.parameterization) and the prior's sum of squares in one pass.
 
 def _cpu_operand(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """The C++ kernels read float32/float64 only: low-precision CPU inputs are widened first."""
@@ -257,12 +258,12 @@ def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
 
     ``f``, ``eps``: ``[B, ...]``; ``gamma``: ``[B]``. Gradients flow to all three.
     """
-    _validate.tensor("f", f, floating=True)
-    B = _validate.batch("f", f)
-    _validate.tensor("eps", eps, floating=True)
-    _validate.same_shape("eps", eps, "f", f)
-    _validate.same_device("eps", eps, "f", f)
-    gamma = _validate.per_example("gamma", gamma, B, "f", f)
+    validate.tensor("f", f, floating=True)
+    B = validate.batch("f", f)
+    validate.tensor("eps", eps, floating=True)
+    validate.same_shape("eps", eps, "f", f)
+    validate.same_device("eps", eps, "f", f)
+    gamma = validate.per_example("gamma", gamma, B, "f", f)
     dtype = _compute_dtype(f, eps)  # gamma's dtype never changes the output's
     f, eps, gamma = f.to(dtype), eps.to(dtype), gamma.to(dtype)
     if not _fused(f.device):
@@ -279,11 +280,11 @@ def _sum_squared_error(x: Tensor, y: Optional[Tensor] = None, a: Optional[Tensor
 
 
 def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
-    _validate.tensor("eps", eps, floating=True)
-    _validate.tensor("eps_hat", eps_hat, floating=True)
-    B = _validate.batch("eps", eps)
-    _validate.same_shape("eps_hat", eps_hat, "eps", eps)
-    _validate.same_device("eps_hat", eps_hat, "eps", eps)
+    validate.tensor("eps", eps, floating=True)
+    validate.tensor("eps_hat", eps_hat, floating=True)
+    B = validate.batch("eps", eps)
+    validate.same_shape("eps_hat", eps_hat, "eps", eps)
+    validate.same_device("eps_hat", eps_hat, "eps", eps)
     return B
 
 
@@ -292,11 +293,11 @@ def _prediction_inputs(eps: Tensor, prediction: str, x: Optional[Tensor], gamma_
     does not use them), ``gamma_t`` as ``[B]`` in the loss's dtype; refuses a missing one."""
     param.check_prediction(prediction)
     if gamma_t is not None:
-        gamma_t = _validate.per_example("gamma_t", gamma_t, eps.shape[0], "eps", eps).to(_compute_dtype(eps))
+        gamma_t = validate.per_example("gamma_t", gamma_t, eps.shape[0], "eps", eps).to(_compute_dtype(eps))
     if x is not None:
-        _validate.tensor("x", x, floating=True)
-        _validate.same_shape("x", x, "eps", eps)
-        _validate.same_device("x", x, "eps", eps)
+        validate.tensor("x", x, floating=True)
+        validate.same_shape("x", x, "eps", eps)
+        validate.same_device("x", x, "eps", eps)
     if prediction != "eps" and gamma_t is None:
         raise ValueError(f"gamma_t is required for prediction={prediction!r}")
     if prediction in ("x", "v") and x is None:
@@ -328,7 +329,7 @@ def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, predictio
     """
     B = _noise_pair(eps, eps_hat)
     dtype = _compute_dtype(eps)
-    dgamma_dt = _validate.per_example("dgamma_dt", dgamma_dt, B, "eps", eps).to(dtype)
+    dgamma_dt = validate.per_example("dgamma_dt", dgamma_dt, B, "eps", eps).to(dtype)
     x, gamma_t = _prediction_inputs(eps, prediction, x, gamma_t)
     if not _fused(eps.device):
         return ref.diffusion_loss(eps.to(dtype), eps_hat, dgamma_dt, prediction=prediction, x=x, gamma_t=gamma_t)
@@ -339,11 +340,11 @@ def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma
                             T: int, *, prediction: str = "eps", x: Optional[Tensor] = None) -> Tensor:
     """T-step diffusion loss ``0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2`` per example
     (``prediction`` and ``x`` as in ``diffusion_loss``)."""
-    _validate.finite_number("T", T, positive=True, integer=True)
+    validate.finite_number("T", T, positive=True, integer=True)
     B = _noise_pair(eps, eps_hat)
     dtype = _compute_dtype(eps)
-    gamma_t = _validate.per_example("gamma_t", gamma_t, B, "eps", eps).to(dtype)
-    gamma_s = _validate.per_example("gamma_s", gamma_s, B, "eps", eps).to(dtype)
+    gamma_t = validate.per_example("gamma_t", gamma_t, B, "eps", eps).to(dtype)
+    gamma_s = validate.per_example("gamma_s", gamma_s, B, "eps", eps).to(dtype)
     x, _ = _prediction_inputs(eps, prediction, x, gamma_t)
     if not _fused(eps.device):
         return ref.diffusion_loss_discrete(eps.to(dtype), eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=x)
@@ -357,9 +358,9 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     Written as ``0.5 sigmoid(-gamma_1) ||f||^2 + 0.5 D (sigma_1^2 - log sigma_1^2 - 1)``: one
     pass over ``f`` (``log sigmoid`` keeps large ``|gamma_1|`` finite).
     """
-    _validate.tensor("f", f, floating=True)
-    B = _validate.batch("f", f)
-    gamma_1 = _validate.per_example("gamma_1", gamma_1, B, "f", f)
+    validate.tensor("f", f, floating=True)
+    B = validate.batch("f", f)
+    gamma_1 = validate.per_example("gamma_1", gamma_1, B, "f", f)
     dtype = _compute_dtype(f)
     g = gamma_1.to(dtype)
     if not _fused(f.device):
@@ -376,13 +377,13 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     ``eps_0``: the noise of ``z_0``, shape of ``x``. ``gamma_0``: ``gamma(0)`` per example ``[B]``.
     Gradients flow to ``eps_0`` and ``gamma_0``.
     """
-    _validate.vocab("vocab_size", vocab_size)
-    _validate.tensor("eps_0", eps_0, floating=True)
-    B = _validate.batch("eps_0", eps_0)
-    _validate.images("x", x, vocab_size)
-    _validate.same_shape("x", x, "eps_0", eps_0)
-    _validate.same_device("x", x, "eps_0", eps_0)
-    gamma_0 = _validate.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
+    validate.vocab("vocab_size", vocab_size)
+    validate.tensor("eps_0", eps_0, floating=True)
+    B = validate.batch("eps_0", eps_0)
+    validate.images("x", x, vocab_size)
+    validate.same_shape("x", x, "eps_0", eps_0)
+    validate.same_device("x", x, "eps_0", eps_0)
+    gamma_0 = validate.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
 
     dtype = _compute_dtype(eps_0)
     eps_0, gamma_0 = eps_0.to(dtype), gamma_0.to(dtype)
@@ -397,11 +398,11 @@ def encode(x: Tensor, vocab_size: int = 256, dtype: torch.dtype = torch.float32)
     """Integer images ``[B, ...]`` in ``[0, vocab_size)`` to the model's data space
     ``f = (2 x + 1) / vocab_size - 1``, checked: float images in ``[0, 1]`` are refused with the
     conversion to use (``(img * 255).round()``)."""
-    _validate.vocab("vocab_size", vocab_size)
-    _validate.images("x", x, vocab_size)
-    if dtype not in _validate.FLOATS:
+    validate.vocab("vocab_size", vocab_size)
+    validate.images("x", x, vocab_size)
+    if dtype not in validate.FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    return ref.encode(x, vocab_size, dtype)
+    return pixels.encode(x, vocab_size, dtype)
 
 
 class VLBTerms(NamedTuple):
@@ -424,16 +425,16 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
     ``gamma_0``, ``gamma_1``: ``[B]``. Continuous time (``T = 0``) needs ``dgamma_dt``; ``T``
     steps need ``gamma_s``. ``eps_hat`` may be an x, v or score prediction (``prediction``).
     """
-    _validate.finite_number("T", T, integer=True)
+    validate.finite_number("T", T, integer=True)
     if T < 0:
         raise ValueError(f"T must be >= 0 (0: continuous time), got {T}")
     _noise_pair(eps, eps_hat)
-    _validate.vocab("vocab_size", vocab_size)
+    validate.vocab("vocab_size", vocab_size)
     # x's values are checked once, by reconstruction_loss below (a host sync each time).
-    _validate.tensor("x", x)
-    _validate.same_shape("x", x, "eps", eps)
-    _validate.same_device("x", x, "eps", eps)
-    f = ref.encode(x, vocab_size, _compute_dtype(eps))
+    validate.tensor("x", x)
+    validate.same_shape("x", x, "eps", eps)
+    validate.same_device("x", x, "eps", eps)
+    f = pixels.encode(x, vocab_size, _compute_dtype(eps))
     if T == 0:
         if dgamma_dt is None:
             raise ValueError("dgamma_dt is required for the continuous-time loss (T = 0)")
@@ -444,5 +445,5 @@ def vlb_terms(x: Tensor, eps: Tensor, eps_hat: Tensor, eps_0: Tensor, gamma_t: T
         diffusion = diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=f)
     reconstruction = reconstruction_loss(x, eps_0, gamma_0, vocab_size)
     prior = prior_loss(f, gamma_1)
-    bpd = ref.bits_per_dim(reconstruction + prior + diffusion, x[0].numel())
+    bpd = pixels.bits_per_dim(reconstruction + prior + diffusion, x[0].numel())
     return VLBTerms(reconstruction, prior, diffusion, bpd)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vdm_fast import backend
-from vdm_fast.ops import _validate
+from vdm_fast import validate
 from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import norm as ref
 
@@ -135,20 +135,20 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int = 3
     """``silu(GroupNorm(x + cond[:, :, None, None]))`` over ``x [B, C, H, W]``, NCHW or channels_last
     (the result keeps the layout; ``silu``, ``cond`` optional),
     statistics in float32 (float64 for float64 input), output in ``x``'s dtype."""
-    _validate.tensor("x", x, floating=True)
+    validate.tensor("x", x, floating=True)
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
-    _validate.positive_int("num_groups", num_groups)
+    validate.positive_int("num_groups", num_groups)
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    _validate.finite_number("eps", eps, positive=True)
-    _validate.parameters([("weight", weight, (C,)), ("bias", bias, (C,))], "x", x)
+    validate.finite_number("eps", eps, positive=True)
+    validate.parameters([("weight", weight, (C,)), ("bias", bias, (C,))], "x", x)
     if cond is not None:
-        _validate.tensor("cond", cond, floating=True)
+        validate.tensor("cond", cond, floating=True)
         if cond.shape != (B, C):
             raise ValueError(f"cond must have shape ({B}, {C}), got {tuple(cond.shape)}")
-        _validate.same_device("cond", cond, "x", x)
+        validate.same_device("cond", cond, "x", x)
     if backend.implementation("norm", x.device, x.dtype) != "reference":
         return _group_norm_silu(x, weight, bias, cond, num_groups, float(eps), bool(silu))[0]
     return ref.group_norm_silu(x, weight, bias, num_groups, eps, silu, cond)

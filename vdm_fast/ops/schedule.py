@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from vdm_fast import backend
-from vdm_fast.ops import _validate
+from vdm_fast import validate
 from vdm_fast.ops._library import dtype_name, kernel_op
 from vdm_fast.reference import schedule as ref
 
@@ -82,14 +82,14 @@ _gamma_nnet.register_autograd(_backward, setup_context=_setup)
 
 def _like_t(name: str, p, t: Tensor) -> None:
     """A parameter of the schedule: a floating tensor on ``t``'s device, of ``t``'s dtype."""
-    _validate.tensor(name, p, floating=True)
-    _validate.same_device(name, p, "t", t)
+    validate.tensor(name, p, floating=True)
+    validate.same_device(name, p, "t", t)
     if p.dtype != t.dtype:
         raise TypeError(f"{name} must have t's dtype {t.dtype}, got {p.dtype}")
 
 
 def _check_params(t, w1, b1, w2, b2, w3) -> None:
-    _validate.tensor("t", t, floating=True)
+    validate.tensor("t", t, floating=True)
     if t.dim() != 1 or t.shape[0] == 0:
         raise ValueError(f"t must be a non-empty 1-d tensor of times [B], got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64):
@@ -121,7 +121,7 @@ def gamma_nnet(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Te
     _check_params(t, w1, b1, w2, b2, w3)
     impl = backend.implementation("schedule", t.device)
     # The C++ kernel checks t's range as it runs (``_gamma_nnet_cpu``); elsewhere it is read here.
-    if impl != "cpp" and _validate.values_readable(t):
+    if impl != "cpp" and validate.values_readable(t):
         _check_range(*(v.item() for v in torch.aminmax(t.detach())))
     if impl == "reference":
         return ref.nnet(t, w1, b1, w2, b2, w3)
@@ -136,7 +136,7 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
     ``g`` runs once, fused, on ``[t, 0, 1]``; the normalisation is ``[B]``-sized arithmetic.
     """
-    _validate.tensor("t", t, floating=True)
+    validate.tensor("t", t, floating=True)
     for name, p in (("gamma_0", gamma_0), ("gamma_1", gamma_1)):
         _like_t(name, p, t)
         if tuple(p.shape) != (1,):
@@ -154,7 +154,7 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     # gradients, overflows. Refused by name where values may be read; inside a trace the 0 / 0
     # or overflow stays a NaN or inf.
     finite = torch.isfinite(torch.cat([g_0, g_1, gamma_0, gamma_1])).all()
-    if _validate.values_readable(t) and bool((finite & ~torch.isfinite(scale * scale).all()).item()):
+    if validate.values_readable(t) and bool((finite & ~torch.isfinite(scale * scale).all()).item()):
         raise ValueError("gamma_nnet_pinned needs a network whose g(1) - g(0) is resolved in "
                          f"{t.dtype}, got g(0) = {g_0.item()}, g(1) = {g_1.item()} (w1 and w3 all zero, or "
                          "too small beside b1): a constant network's endpoints cannot be pinned")
@@ -173,10 +173,10 @@ def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tenso
     replaces the network parameters' gradients with these: one more fused forward and backward.
     ``t``, ``grad_gamma``, ``grad_dgamma`` and ``loss`` are ``[B]``.
     """
-    _validate.tensor("t", t, floating=True)
-    B = _validate.batch("t", t)
+    validate.tensor("t", t, floating=True)
+    B = validate.batch("t", t)
     for name, value in (("grad_gamma", grad_gamma), ("grad_dgamma", grad_dgamma), ("loss", loss)):
-        _validate.per_example(name, value, B, "t", t, broadcast=False)
+        validate.per_example(name, value, B, "t", t, broadcast=False)
     if not isinstance(params, (tuple, list)) or len(params) != len(PARAMS):
         raise TypeError(f"params must be the network's {len(PARAMS)} parameters {PARAMS}")
     if endpoints is not None and (not isinstance(endpoints, (tuple, list)) or len(endpoints) != 2):

@@ -1,12 +1,11 @@
-"""The pure-PyTorch reference of VDM: readable, float64-capable, the truth for every kernel.
+"""The pure-PyTorch reference of each kernel family: readable, float64-capable, the truth every
+kernel is tested against and the implementation the ``"reference"`` backend runs.
 
-One module per family, with the same names as ``vdm_fast.ops``: ``loss``, ``schedule``,
-``norm``, ``attention``; plus ``features`` (Fourier features, time embedding), ``times`` (how
-training times are drawn and put on the T-step grid), ``weighting`` (the weightings of the
-diffusion loss, by name), ``sampling`` (the ancestral sampling step) and ``process`` (the
-forward process's coefficients, which the others share).
+One module per family, with the same names as ``vdm_fast.ops``, ``csrc/`` and ``kernels/``:
+``loss``, ``schedule``, ``norm``, ``attention``. The VDM math they share (the forward process,
+parameterizations, times, weightings, pixels) is ``vdm_fast.diffusion``.
 """
 
-from vdm_fast.reference import attention, features, loss, norm, process, sampling, schedule, times, weighting
+from vdm_fast.reference import attention, loss, norm, schedule
 
-__all__ = ["attention", "features", "loss", "norm", "process", "sampling", "schedule", "times", "weighting"]
+__all__ = ["attention", "loss", "norm", "schedule"]

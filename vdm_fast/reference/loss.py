@@ -4,59 +4,29 @@ Shapes: data and noise are ``[B, ...]``; ``gamma`` arguments hold one value per 
 Every per-example loss returns ``[B]`` in nats. float64 inputs give float64 results.
 """
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vdm_fast.reference.parameterization import check_prediction, target_terms
-from vdm_fast.reference.process import alpha_sigma, per_example
-
+from vdm_fast.diffusion.parameterization import check_prediction, target_terms
+from vdm_fast.diffusion.pixels import decoder_logits, encode
+from vdm_fast.diffusion.process import alpha_sigma, per_example
 
 def _sum_per_example(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).sum(dim=1)
-
-
-def encode(x: Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Integer data in ``[0, vocab)`` to the centres of ``vocab`` equal bins of ``[-1, 1]``."""
-    return 2.0 * (x.to(dtype) + 0.5) / vocab_size - 1.0
-
-
-def decoder_logits(z0_rescaled: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
-    """Logits ``[..., vocab]`` of the factorised decoder ``p(x | z_0)``.
-
-    ``z0_rescaled = z_0 / alpha_0``; the logit of value ``v`` is
-    ``-0.5 exp(-gamma_0) (z0_rescaled - encode(v))^2``.
-    """
-    grid = encode(torch.arange(vocab_size, device=z0_rescaled.device), vocab_size, z0_rescaled.dtype)
-    precision = torch.exp(-per_example(gamma_0, z0_rescaled)).unsqueeze(-1)
-    return -0.5 * precision * (z0_rescaled.unsqueeze(-1) - grid) ** 2
-
-
-def decode(z0_rescaled: Tensor, gamma_0: Tensor, vocab_size: int, sample: bool = False,
-           generator: torch.Generator = None) -> Tensor:
-    """Integer images (int64) from ``p(x | z_0)``: the argmax, or a sample when ``sample``."""
-    logits = decoder_logits(z0_rescaled, gamma_0, vocab_size)
-    if not sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, vocab_size), 1, generator=generator)
-    return flat.reshape(z0_rescaled.shape)
-
 
 def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     """The forward process ``z_t = alpha_t f + sigma_t eps``."""
     alpha, sigma = alpha_sigma(per_example(gamma, f))
     return alpha * f + sigma * eps
 
-
 def prediction_error(eps: Tensor, pred: Tensor, prediction: str = "eps", x: Optional[Tensor] = None,
                      gamma_t: Optional[Tensor] = None) -> Tensor:
     """``||eps - eps_hat||^2`` per example, ``eps_hat`` the noise prediction equivalent to ``pred``,
     a ``prediction`` of kind eps, x, v or score: ``s^2 ||target - pred||^2`` with the target
-    ``a eps + c x`` (``vdm_fast.reference.parameterization.target_terms``). The kinds other than
+    ``a eps + c x`` (``vdm_fast.diffusion.parameterization.target_terms``). The kinds other than
     eps need ``gamma_t``; x and v also ``x``, the encoded data."""
     check_prediction(prediction)
     if prediction == "eps":
@@ -73,14 +43,12 @@ def prediction_error(eps: Tensor, pred: Tensor, prediction: str = "eps", x: Opti
         target = target + per_example(c, eps) * x
     return s2 * _sum_per_example((target - pred.to(eps.dtype)) ** 2)
 
-
 def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, prediction: str = "eps",
                    x: Optional[Tensor] = None, gamma_t: Optional[Tensor] = None) -> Tensor:
     """Continuous-time diffusion loss ``0.5 gamma'(t) ||eps - eps_hat||^2`` per example; ``eps_hat``
     may be a prediction of another kind (``prediction_error``). For an x prediction this is
     ``-0.5 SNR'(t) ||x - x_hat||^2``."""
     return 0.5 * dgamma_dt * prediction_error(eps, eps_hat, prediction, x, gamma_t)
-
 
 def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tensor, T: int, *,
                             prediction: str = "eps", x: Optional[Tensor] = None) -> Tensor:
@@ -89,14 +57,12 @@ def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma
     weight = 0.5 * T * torch.expm1(gamma_t - gamma_s)
     return weight * prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
-
 def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     """``KL(q(z_1 | x) || N(0, I))`` per example (``log sigma_1^2`` as ``log sigmoid``, finite
     for any ``gamma_1``)."""
     g = per_example(gamma_1, f)
     kl = 0.5 * (torch.sigmoid(-g) * f**2 + torch.sigmoid(g) - F.logsigmoid(g) - 1.0)
     return _sum_per_example(kl)
-
 
 def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int = 256) -> Tensor:
     """``-log p(x | z_0)`` per example, with ``z_0 / alpha_0 = f + exp(gamma_0 / 2) eps_0``."""
@@ -110,8 +76,3 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     logprobs = torch.log_softmax(decoder_logits(z0_rescaled, gamma_0, vocab_size), dim=-1)
     nll = -torch.gather(logprobs, -1, x.long().unsqueeze(-1)).squeeze(-1)
     return _sum_per_example(nll)
-
-
-def bits_per_dim(loss_nats: Tensor, dims: int) -> Tensor:
-    """Nats per example to bits per dimension."""
-    return loss_nats / (dims * math.log(2.0))

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from vdm_fast.reference.process import alpha_sigma, per_example
+from vdm_fast.diffusion.process import alpha_sigma, per_example
 
 
 def ancestral_step(z_t: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tensor,

@@ -9,7 +9,7 @@ predictions. Shapes: predictions and ``z`` are ``[B, ...]``, ``gamma`` is ``[B]`
 import torch
 from torch import Tensor
 
-from vdm_fast.reference.process import alpha_sigma, per_example
+from vdm_fast.diffusion.process import alpha_sigma, per_example
 
 PREDICTIONS = ("eps", "x", "v", "score")
 

@@ -19,7 +19,7 @@ network takes ``gamma``, not a timestep; ``scheduler.eps_model(vdm)`` wraps it (
 labels included) so that it takes the loop's timestep, looking its ``gamma`` up in the
 scheduler's table::
 
-    from vdm_fast.diffusers_scheduler import VDMScheduler
+    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
     from vdm_fast.samplers import decode
 
     scheduler = VDMScheduler.from_vdm(model)            # model: a trained vdm_fast VDM
@@ -50,15 +50,15 @@ try:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from diffusers.utils import BaseOutput
 except ImportError as err:  # pragma: no cover (the extra is installed where this is tested)
-    raise ImportError("vdm_fast.diffusers_scheduler needs the 'integrations' extra (diffusers); install it with: "
+    raise ImportError("vdm_fast.integrations.diffusers_scheduler needs the 'integrations' extra (diffusers); install it with: "
                       "pip install 'vdm_fast[integrations]'") from err
 
 from vdm_fast import samplers
 from vdm_fast.nn.schedule import FixedLinearSchedule, LearnedScalarSchedule, MonotoneNetSchedule
-from vdm_fast.reference.loss import decode as _decode
-from vdm_fast.reference.parameterization import to_eps
-from vdm_fast.reference.process import alpha_sigma, per_example
-from vdm_fast.reference.sampling import ancestral_step
+from vdm_fast.diffusion.pixels import decode as _decode
+from vdm_fast.diffusion.parameterization import to_eps
+from vdm_fast.diffusion.process import alpha_sigma, per_example
+from vdm_fast.diffusion.sampling import ancestral_step
 from vdm_fast.reference.schedule import nnet_gamma
 
 SCHEDULE_KINDS = ("linear", "nnet", "grid")
@@ -257,7 +257,7 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """``z_t = alpha_t x + sigma_t noise`` at ``timesteps`` (one, or one per example), ``x`` the
-        encoded images (``vdm_fast.reference.loss.encode``: values in ``[-1, 1]``)."""
+        encoded images (``vdm_fast.diffusion.pixels.encode``: values in ``[-1, 1]``)."""
         gamma = self.gamma_for_timestep(timesteps, like=original_samples)
         alpha, sigma = alpha_sigma(per_example(gamma, original_samples))
         return alpha * original_samples + sigma * noise.to(original_samples.dtype)
@@ -298,7 +298,7 @@ class VDMEpsModel(nn.Module):
     def forward(self, sample: Tensor, timestep) -> Tensor:
         gamma = self.scheduler.gamma_for_timestep(timestep, like=sample)
         labels = None if self.labels is None else self.labels.to(sample.device)
-        return self.model._eps_hat(sample, gamma, labels, self.guidance)
+        return self.model.predict_eps(sample, gamma, labels, self.guidance)
 
 
 __all__ = ["VDMScheduler", "VDMSchedulerOutput", "VDMEpsModel"]

@@ -1,8 +1,6 @@
 """Weights people can share: a trained VDM as a folder of ``model.safetensors`` and
 ``config.json`` (the Hugging Face convention), read back without unpickling anything.
 
-    python -m vdm_fast.export --ckpt runs/vdm/checkpoint.pt --out vdm-digits [--weights ema|model] [--force]
-
 ``config.json`` holds what rebuilds the model: the ``TrainConfig`` fields the model is made
 from (``MODEL_CONFIG_FIELDS``, as ``vdm_fast.config.to_dict`` gives them), ``image_shape``,
 ``vocab_size``, ``num_classes``, the format tag ``vdm_fast_format``, the writing
@@ -10,13 +8,12 @@ from (``MODEL_CONFIG_FIELDS``, as ``vdm_fast.config.to_dict`` gives them), ``ima
 ``safetensors_sha256``, the SHA-256 of ``model.safetensors``, and ``config_sha256``, that of
 config.json's other entries (``config_digest``: a flipped bit in a float of config.json would
 otherwise change the model unseen; edit a config by re-exporting, or reseal it). Loading
-(``VDM.from_pretrained(folder)``, ``load_pretrained``, or ``--ckpt FOLDER`` of the CLIs) reads
+(``vdm_fast.io.load_pretrained(folder)``, ``vdm_fast.io.load_model``, or ``--ckpt FOLDER`` of the CLIs) reads
 JSON and safetensors only, checks the checksum, and refuses by name a missing, truncated,
 foreign (a pickle renamed ``model.safetensors`` included), damaged or mismatched file, and
 non-finite weights. Needs the ``export`` extra (``pip install 'vdm_fast[export]'``).
 """
 
-import argparse
 import hashlib
 import json
 import struct
@@ -24,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from vdm_fast import __version__, cli
-from vdm_fast._extras import require
-from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint, write_atomic
+from vdm_fast import __version__
+from vdm_fast.extras import require
+from vdm_fast.io.atomic import write_atomic
+from vdm_fast.io.checkpoint import CheckpointError
 from vdm_fast.config import TrainConfig, resolve, to_dict
 from vdm_fast.factory import build_model
 
@@ -213,7 +211,7 @@ def _parse_frame(path: Path, data: bytes) -> dict:
         if looks_pickled:
             return PretrainedError(f"{path} is not a safetensors file: it is a pickle or torch.save file ({why}); "
                                    "vdm_fast never unpickles a pretrained folder's weights. Export a checkpoint "
-                                   "with python -m vdm_fast.export")
+                                   "with vdm-fast export")
         return PretrainedError(f"{path} is not a safetensors file, or is truncated ({why})")
 
     if len(data) < 8:
@@ -286,14 +284,14 @@ def load_pretrained(folder):
     keys the CLIs read from a checkpoint's state (``step``, ``config``, ``image_shape``,
     ``vocab_size``, ``num_classes``) plus ``format``, ``vdm_fast_version``, ``weights``,
     ``sha256`` and ``folder``. Reads JSON and safetensors only; raises ``PretrainedError``
-    naming the file and the fault, or ``vdm_fast._extras.MissingExtra`` without safetensors."""
+    naming the file and the fault, or ``vdm_fast.extras.MissingExtra`` without safetensors."""
     _safetensors()
     folder = Path(folder)
     if not folder.is_dir():
         raise PretrainedError(f"no pretrained folder at {folder}")
     if not (folder / WEIGHTS_NAME).exists() and (folder / "checkpoint.pt").is_file():
         raise PretrainedError(f"{folder} is a training run's folder, not an exported one: pass "
-                              f"{folder / 'checkpoint.pt'}, or export it with python -m vdm_fast.export")
+                              f"{folder / 'checkpoint.pt'}, or export it with vdm-fast export")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     config = _read_config(config_path)
     fields = {name: config[name] for name in MODEL_CONFIG_FIELDS}
@@ -315,34 +313,6 @@ def load_pretrained(folder):
     return model, cfg, info
 
 
-# ----------------------------------------------------------------------------------------- the CLI
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.export"), description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint.pt of a training run")
-    parser.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
-    parser.add_argument("--weights", choices=WEIGHT_KINDS, default="ema",
-                        help="the EMA weights (default: what evaluate and sample use) or the raw model's")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite model.safetensors and config.json in a non-empty existing folder")
-    args = parser.parse_args(argv)
-    require("export")
-    try:
-        model, cfg, state = model_from_checkpoint(args.ckpt, use_ema=args.weights == "ema")
-        weights = state.get("weights", args.weights)  # a pretrained folder re-exported keeps its own kind
-        config = save_pretrained(model, cfg, args.out, step=state["step"], weights=weights, overwrite=args.force)
-    except (CheckpointError, ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}")
-    out = Path(args.out)
-    print(f"wrote {out / WEIGHTS_NAME} ({len(model.state_dict())} tensors, {(out / WEIGHTS_NAME).stat().st_size} "
-          f"bytes, sha256 {config['safetensors_sha256']}) and {out / CONFIG_NAME}: the {weights} weights of "
-          f"{args.ckpt} at step {state['step']}")
-
-
 __all__ = ["CONFIG_NAME", "FORMAT", "MODEL_CONFIG_FIELDS", "PretrainedError", "UNRECORDED_DATA_DIR", "WEIGHTS_NAME",
-           "config_digest", "load_pretrained", "main", "save_pretrained"]
-
-if __name__ == "__main__":
-    main()
+           "config_digest", "load_pretrained", "save_pretrained"]
 

@@ -123,13 +123,20 @@ def vocab(name: str, value) -> int:
     return value
 
 
-def images(name: str, x, vocab_size: int) -> Tensor:
-    """Integer-valued images in ``[0, vocab_size)``, of an integer or floating dtype."""
+def image_tensor(name: str, x) -> Tensor:
+    """A batch of images held in an integer or floating dtype; their values are not read (no host
+    sync): ``images`` checks those."""
     tensor(name, x)
     batch(name, x)
     if x.dtype not in IMAGE_INTS + FLOATS:
         raise TypeError(f"{name} must hold integer values as {', '.join(str(d) for d in IMAGE_INTS)} or a float "
                         f"dtype, got {x.dtype} (convert with x.long())")
+    return x
+
+
+def images(name: str, x, vocab_size: int) -> Tensor:
+    """Integer-valued images in ``[0, vocab_size)``, of an integer or floating dtype."""
+    image_tensor(name, x)
     if x.numel() == 0 or not values_readable(x):
         return x
     lo, hi = (v.item() for v in torch.aminmax(x))  # Python numbers: no uint8 wrap-around

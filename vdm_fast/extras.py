@@ -4,12 +4,12 @@ needs) leaves them out, and an entry without its extra says which ``pip install`
 import importlib.util
 
 EXTRAS = {
-    "train": ("sklearn", "tqdm", "PIL", "yaml"),  # python -m vdm_fast.train / evaluate / sample
-    "compress": ("constriction", "tqdm"),  # python -m vdm_fast.compress
-    "export": ("safetensors",),  # python -m vdm_fast.export, VDM.from_pretrained, --ckpt FOLDER
-    "plot": ("matplotlib",),  # curves.png of a training run, python -m vdm_fast.curves (optional)
-    "tensorboard": ("tensorboard",),  # python -m vdm_fast.train --tensorboard
-    "likelihood": ("torchdiffeq",),  # python -m vdm_fast.evaluate --likelihood ode, vdm_fast.likelihood
+    "train": ("sklearn", "tqdm", "PIL", "yaml"),  # python -m vdm_fast.training.train / evaluate / sample
+    "compress": ("constriction", "tqdm"),  # python -m vdm_fast.codec.compress
+    "export": ("safetensors",),  # vdm-fast export, vdm_fast.io.load_pretrained, --ckpt FOLDER
+    "plot": ("matplotlib",),  # curves.png of a training run, python -m vdm_fast.training.curves (optional)
+    "tensorboard": ("tensorboard",),  # python -m vdm_fast.training.train --tensorboard
+    "likelihood": ("torchdiffeq",),  # python -m vdm_fast.training.evaluate --likelihood ode, vdm_fast.likelihood
 }
 
 

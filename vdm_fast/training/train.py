@@ -1,8 +1,8 @@
-"""Train a VDM and report its test-set likelihood: ``python -m vdm_fast.train [flags]``.
+"""Train a VDM and report its test-set likelihood: ``python -m vdm_fast.training.train [flags]``.
 
 With no flags it trains the small default model on scikit-learn's bundled digits on the CPU
 (minutes on 2 cores) and prints the test bits per dim beside the per-pixel histogram baseline.
-``torchrun --nproc_per_node N -m vdm_fast.train ...`` runs data-parallel (NCCL on GPUs, gloo on
+``torchrun --nproc_per_node N -m vdm_fast.training.train ...`` runs data-parallel (NCCL on GPUs, gloo on
 CPUs), with the same results as one process at the same global batch.
 
 Reproducibility: the data order, the times and noises of the bound, the label dropout and
@@ -21,31 +21,33 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from vdm_fast._extras import require
+from vdm_fast.extras import require
 
 require("train")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
 from vdm_fast import backend
-from vdm_fast import checkpoint as ckpt
-from vdm_fast import data as datasets
+from vdm_fast.io import checkpoint as ckpt
+from vdm_fast.io.atomic import remove_stale_temporaries
+from vdm_fast.training import data as datasets
 from vdm_fast.config import TrainConfig, parse_args, to_dict
-from vdm_fast.curves import RunPlots
-from vdm_fast.distributed import Distributed, JobFailed, SharedStop
-from vdm_fast.evaluate import BOUND_DRAWS, evaluate
+from vdm_fast.training.curves import RunPlots
+from vdm_fast.training.distributed import Distributed, JobFailed, SharedStop
+from vdm_fast.training.evaluate import BOUND_DRAWS, evaluate
+from vdm_fast.training.optim import learning_rate, make_optimizer
+from vdm_fast.training.run import MetricsLog, RunFolderBusy, RunLock, StopRequest, stopped_together
 from vdm_fast.factory import build_model
 from vdm_fast.nn.dropout import global_masks
-from vdm_fast.reference.times import antithetic_times
-from vdm_fast.sample import save_grid
-from vdm_fast.seeds import mix as _mix
+from vdm_fast.diffusion import draws
+from vdm_fast.training.images import save_grid
+from vdm_fast.seeds import mix
 
 
 class NonFiniteLoss(SharedStop):
@@ -75,119 +77,10 @@ class BatchSampler:
     def indices(self, step: int) -> torch.Tensor:
         epoch, pos = self.position(step)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            gen = torch.Generator().manual_seed(mix(self.seed, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         start = pos * self.global_batch + self.rank * self.local
         return self._perm[start:start + self.local]
-
-
-def _noise(cfg: TrainConfig, step: int, shape, rank: int, local: int):
-    """The step's times, noises and label-dropout flags for the whole global batch, sliced to
-    this process."""
-    gen = torch.Generator().manual_seed(_mix(cfg.seed, step, 1))
-    B = cfg.batch_size
-    if cfg.antithetic:
-        t = antithetic_times(B, generator=gen, dtype=torch.float32)
-    else:
-        t = torch.rand(B, generator=gen)
-    eps = torch.randn((B, *shape), generator=gen)
-    eps_0 = torch.randn((B, *shape), generator=gen)
-    drop_labels = torch.rand(B, generator=gen) < cfg.label_dropout
-    part = slice(rank * local, (rank + 1) * local)
-    return t[part], eps[part], eps_0[part], drop_labels[part]
-
-
-def weight_decay_split(model: torch.nn.Module):
-    """``(decayed, exempt)`` parameter names, as the official ``decay_mask_fn``: every parameter
-    is decayed except biases, where a bias is a parameter named ``bias`` or one that a module
-    lists in ``no_weight_decay`` (the monotone schedule's ``b1``, ``b2``: the official
-    ``DenseMonotone`` biases; and its pinned endpoints, which the official code does not have)."""
-    decayed, exempt = [], []
-    for module_name, module in model.named_modules():
-        biases = ("bias", *getattr(module, "no_weight_decay", ()))
-        for name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{name}" if module_name else name
-            (exempt if name in biases else decayed).append(full)
-    return decayed, exempt
-
-
-def _param_groups(model, weight_decay: float):
-    decayed, _ = weight_decay_split(model)
-    decayed = set(decayed)
-    groups = {True: [], False: []}
-    for name, p in model.named_parameters():
-        groups[name in decayed].append(p)
-    return [{"params": groups[True], "weight_decay": weight_decay}, {"params": groups[False], "weight_decay": 0.0}]
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The official schedule: linear warm-up from 0 at step 0 to ``lr`` at step ``warmup``; then
-    constant (the official recipe), or decayed to 0 at step ``steps`` (``lr_decay``: a short run
-    ends on weights that the last steps have averaged rather than jittered)."""
-    if step < cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    if cfg.lr_decay == "none" or cfg.steps <= cfg.warmup:
-        return cfg.lr
-    progress = (step - cfg.warmup) / (cfg.steps - cfg.warmup)
-    return cfg.lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW as the official recipe sets it (betas 0.9, 0.99; no decay on biases). Its fused
-    implementation (one kernel over all parameters, on CPU and CUDA) where every parameter is on
-    a device it supports: the per-parameter loop launches a few small kernels per tensor, a
-    visible share of a small model's step."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
-                                                                  torch.float16) for p in model.parameters())
-    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
-                             fused=fused or None)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
-
-    In a multi-process job (``grace`` seconds given) the stop needs every rank (the ranks agree
-    on it in a collective), so it cannot always complete: when it has not ``grace`` seconds
-    after the signal (this process or a peer is stuck), ``on_expiry(signum)`` is printed and the
-    process ends at once with status 128 + signum, writing nothing. And when the loop leaves
-    with a failure, SIGINT/SIGTERM stay ignored rather than reset to their defaults, so that
-    the failure is reported and the exit status is the process's own (``Distributed.fail``)."""
-
-    def __init__(self, grace: Optional[float] = None, on_expiry=None):
-        self.signum = None
-        self._previous = {}
-        self._grace, self._on_expiry, self._timer = grace, on_expiry, None
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        if self._grace is not None and self._timer is None:
-            self._timer = threading.Timer(self._grace, self._expire, args=(signum,))
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _expire(self, signum):
-        if self._on_expiry is not None:
-            print(self._on_expiry(signum), file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
-    def __exit__(self, exc_type, exc, tb):
-        if self._timer is not None:
-            self._timer.cancel()
-        failing = self._grace is not None and exc is not None and not _stopped_together(exc)
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if failing else handler)
-
-
-def _stopped_together(err: BaseException) -> bool:
-    """Whether ``err`` ends the run on every rank alike without a failure: the stop by a signal
-    that all ranks agreed on (``SystemExit(128 + signum)``), or an exit with status 0."""
-    return isinstance(err, SystemExit) and not isinstance(err, JobFailed) and (
-        err.code is None or isinstance(err.code, int))
 
 
 def _device_kind(cfg: TrainConfig) -> str:
@@ -219,7 +112,7 @@ def train(cfg: TrainConfig) -> dict:
         with backend.use("reference") if cfg.ops == "reference" else contextlib.nullcontext():
             return _train(cfg, job)
     except BaseException as err:
-        if job.world == 1 or _stopped_together(err):
+        if job.world == 1 or stopped_together(err):
             raise
         job.fail(err)
         raise JobFailed(1) from err
@@ -238,10 +131,10 @@ def _open_run_folder(cfg: TrainConfig, job: Distributed):
     if job.main:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            lock = ckpt.RunLock(out)
-        except ckpt.CheckpointError as err:
+            lock = RunLock(out)
+        except RunFolderBusy as err:
             raise SystemExit(f"error: {err}")
-        for name in ckpt.remove_stale_temporaries(ckpt_path):
+        for name in remove_stale_temporaries(ckpt_path):
             print(f"removed {out / name}, left by a run killed while writing its checkpoint", file=sys.stderr)
         if ckpt_path.exists() and not cfg.resume:
             lock.release()  # train() releases it, but it has not been handed over yet
@@ -270,36 +163,6 @@ def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
         raise SystemExit(f"error: cannot resume: {err}")
     time_s = state.get("time_s")
     return state["step"], state["skipped_steps"], float(time_s) if isinstance(time_s, (int, float)) else None
-
-
-class MetricsLog:
-    """``metrics.jsonl``, one record per logged step. A resumed run first drops the records past
-    its checkpoint (written after it by the run that was killed), so every step appears once."""
-
-    def __init__(self, path: Path, resume_step: Optional[int]):
-        self.path = path
-        self.last_time_s = None  # time_s of the last record kept (a resume from an older checkpoint)
-        kept = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line torn by the kill
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
-                    kept.append(line + "\n")
-                    if isinstance(record.get("time_s"), (int, float)):
-                        self.last_time_s = float(record["time_s"])
-        self.file = open(path, "w")
-        self.file.writelines(kept)
-        self.file.flush()
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _weights_finite(params) -> bool:
@@ -387,32 +250,27 @@ class _Run:
         """One optimiser step (skipped when non-finite); returns the forward's ``VDMOutput``,
         the objective per example and the gradient norm."""
         cfg, model, step = self.cfg, self.model, self.step
-        variance = cfg.schedule_objective == "variance"
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         # The batch and its noise: functions of (seed, step, global index).
         idx = self.sampler.indices(step)
         x = self.ds.train.images[idx].to(self.device)
         labels = self.ds.train.labels[idx].to(self.device) if model.num_classes else None
-        t, eps, eps_0, drop_labels = _noise(cfg, step, self.shape, self.job.rank, self.sampler.local)
+        rows = slice(self.job.rank * self.sampler.local, (self.job.rank + 1) * self.sampler.local)
+        t, eps, eps_0, drop_labels = draws.step_draws(cfg.seed, step, cfg.batch_size, self.shape,
+                                                      antithetic=cfg.antithetic, label_dropout=cfg.label_dropout,
+                                                      rows=rows)
         # Forward (through DDP, which all-reduces the gradients in the backward).
-        with global_masks(_mix(cfg.seed, step, 2), self.job.rank * self.sampler.local, cfg.batch_size):
+        with global_masks(draws.dropout_seed(cfg.seed, step), rows.start, cfg.batch_size):
             out = self.ddp(x, T=cfg.T, t=t, eps=eps.to(self.device), eps_0=eps_0.to(self.device), labels=labels,
                            drop_labels=drop_labels if model.num_classes else None)
         objective = model.objective(out)
-        # Backward; the variance objective also needs the objective's gradient at the schedule's
-        # outputs, then replaces the schedule network's gradients with those of the variance
-        # (set outside DDP's backward, so averaged over the processes here).
+        # Backward; the variance objective then replaces the schedule network's gradients with
+        # those of the variance (set outside DDP's backward, so averaged over the processes here).
         self.optimizer.zero_grad(set_to_none=True)
-        if variance:
-            out.gamma_t.retain_grad()
-            out.dgamma_dt.retain_grad()
         objective.mean().backward()
-        if variance:
-            grads = model.variance_gradients(out, out.gamma_t.grad, out.dgamma_dt.grad)
-            for p, g in zip(model.schedule.network(), grads):
-                p.grad = g
-            self.job.average_gradients(model.schedule.network())
+        if cfg.schedule_objective == "variance":
+            self.job.average_gradients(model.variance_step_(out))
         # Clip. A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere,
         # so every process takes the same decision from its gradient norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -512,7 +370,7 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
         curves = plots.final(run.model, result)  # the model now holds the EMA weights
         plots.close()
         if curves is not None:
-            print(f"learning curves:                         {curves}  (python -m vdm_fast.curves RUN_DIR redraws)")
+            print(f"learning curves:                         {curves}  (python -m vdm_fast.training.curves RUN_DIR redraws)")
         if cfg.tensorboard:
             print(f"tensorboard:                             tensorboard --logdir {out / 'tensorboard'}")
     return result
@@ -547,15 +405,17 @@ def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = 
                               labels=labels, guidance=cfg.guidance)
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
         lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}  "
-                     f"(--sample-T; python -m vdm_fast.sample defaults to T=1000)")
+                     f"(--sample-T; python -m vdm_fast.training.sample defaults to T=1000)")
     (out / "result.json").write_text(json.dumps(report if step is None else {"step": step, **report}, indent=2) + "\n")
     print("\n".join(lines))
     return report
 
 
-def main(argv=None):
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, prog=prog or "python -m vdm_fast.training.train")
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     try:

@@ -1,11 +1,11 @@
 """Test-set bits per dim of a trained VDM, each with its standard error and number of draws:
-``python -m vdm_fast.evaluate --ckpt PATH``.
+``python -m vdm_fast.training.evaluate --ckpt PATH``.
 
-    python -m vdm_fast.evaluate --ckpt CKPT                      # the continuous-time bound, 16 draws an image
-    python -m vdm_fast.evaluate --ckpt CKPT --draws 64           # 64 draws an image, averaged
-    python -m vdm_fast.evaluate --ckpt CKPT --T 1000 --every-step  # the T-step bound summed over all steps
-    python -m vdm_fast.evaluate --ckpt CKPT --likelihood ode     # the probability-flow ODE (vdm_fast.likelihood)
-    torchrun --nproc_per_node N -m vdm_fast.evaluate ...          # the test set split over N processes
+    python -m vdm_fast.training.evaluate --ckpt CKPT                      # the continuous-time bound, 16 draws an image
+    python -m vdm_fast.training.evaluate --ckpt CKPT --draws 64           # 64 draws an image, averaged
+    python -m vdm_fast.training.evaluate --ckpt CKPT --T 1000 --every-step  # the T-step bound summed over all steps
+    python -m vdm_fast.training.evaluate --ckpt CKPT --likelihood ode     # the probability-flow ODE (vdm_fast.likelihood)
+    torchrun --nproc_per_node N -m vdm_fast.training.evaluate ...          # the test set split over N processes
 
 ``--likelihood bound`` (the default) estimates the variational bound of ``VDM.forward``: per draw
 one time ``t`` (an image's ``K`` draws stratified: ``u + k / K`` mod 1 for one uniform ``u``; on the
@@ -35,21 +35,18 @@ from typing import Optional
 
 import torch
 
-from vdm_fast._extras import require
+from vdm_fast.extras import require
 
 require("train")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
-from vdm_fast import cli, data as datasets
-from vdm_fast.checkpoint import model_for_cli
-from vdm_fast.distributed import Distributed
-from vdm_fast.seeds import mix
+from vdm_fast.training import data as datasets
+from vdm_fast.io import load_model_or_exit
+from vdm_fast.training.distributed import Distributed
+from vdm_fast.diffusion.draws import IMAGE_BOUND, IMAGE_ODE, IMAGE_TIMES, image_generator
 
 LIKELIHOODS = ("bound", "ode")
-# Seed streams: the bound's noises, its times' shift, and the ODE's draws (z_0 and the probes)
-# never share a seed.
-_BOUND, _ODE, _TIMES = 0, 1, 2
 # Draws an image of the continuous-time bound where nobody says (the trainer's final report, the
 # evaluate command): one draw of it spreads by ~2 bits per dim an image, and a forward pass is
 # cheap next to training.
@@ -57,11 +54,6 @@ BOUND_DRAWS = 16
 
 
 # --- the draws of one image, by its index -------------------------------------------------------
-
-def image_generator(seed: int, index: int, draw: int, stream: int) -> torch.Generator:
-    """The CPU generator of one image's ``draw`` (``index``: its place in the test set)."""
-    return torch.Generator().manual_seed(mix(seed, index, draw, stream))
-
 
 def bound_draw(model, x: torch.Tensor, labels: Optional[torch.Tensor], indices, draw: int, draws: int = 1,
                T: int = 0, every_step: bool = False, seed: int = 0) -> torch.Tensor:
@@ -73,10 +65,10 @@ def bound_draw(model, x: torch.Tensor, labels: Optional[torch.Tensor], indices, 
     ``every_step`` (``T > 0``): ``eps_0`` then one ``eps`` per step ``1 .. T`` from the first
     generator, and the diffusion loss summed over every step."""
     dtype, shape = model.dtype, tuple(x.shape[1:])
-    gens = [image_generator(seed, int(i), draw, _BOUND) for i in indices]
+    gens = [image_generator(seed, int(i), draw, IMAGE_BOUND) for i in indices]
     device = x.device
     if not every_step:
-        u = torch.cat([torch.rand(1, generator=image_generator(seed, int(i), 0, _TIMES), dtype=dtype)
+        u = torch.cat([torch.rand(1, generator=image_generator(seed, int(i), 0, IMAGE_TIMES), dtype=dtype)
                        for i in indices])
         t = torch.remainder(u + draw / draws, 1.0)
         eps = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens])
@@ -107,7 +99,7 @@ def ode_draw(model, x: torch.Tensor, labels: Optional[torch.Tensor], indices, dr
 
     dtype, shape = model.dtype, tuple(x.shape[1:])
     trace = likelihood.default_trace(math.prod(shape)) if trace is None else trace
-    gens = [image_generator(seed, int(i), draw, _ODE) for i in indices]
+    gens = [image_generator(seed, int(i), draw, IMAGE_ODE) for i in indices]
     eps_0 = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens]).to(x.device)
     v = None
     if trace == "hutchinson":
@@ -202,10 +194,12 @@ def _pm(result: dict) -> str:
     return text + ")"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.evaluate"), description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m vdm_fast.training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
-                        help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
+                        help="checkpoint.pt of a training run, or a folder written by vdm-fast export or vdm-fast convert")
     parser.add_argument("--likelihood", choices=LIKELIHOODS, default="bound",
                         help="bound: the variational bound; ode: the probability-flow ODE with variational "
                              "dequantisation (needs torchdiffeq: pip install 'vdm_fast[likelihood]'); default: bound")
@@ -252,7 +246,7 @@ def main(argv=None):
         if not (args.rtol > 0 and args.atol > 0):
             parser.error("--rtol and --atol must be > 0")
         require("likelihood")
-    model, cfg, state = model_for_cli(args.ckpt)
+    model, cfg, state = load_model_or_exit(args.ckpt)
     try:
         ds = datasets.load(cfg.data, args.data_dir or cfg.data_dir)
     except datasets.DataError as err:

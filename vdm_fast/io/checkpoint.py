@@ -8,17 +8,14 @@ or a truncated copy is refused by name instead of loading changed weights. A sta
 non-finite parameter, EMA value or optimiser moment is never written.
 """
 
-import fcntl
 import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
-from vdm_fast.config import MODEL_FIELDS, TrainConfig, resolve, to_dict
-from vdm_fast.factory import build_model
+from vdm_fast.config import MODEL_FIELDS, TrainConfig, to_dict
+from vdm_fast.io.atomic import write_atomic
 
 # Version 2 added the content checksum and the weights-only format; version 1 files are refused.
 FORMAT = "vdm_fast.checkpoint/2"
@@ -90,35 +87,6 @@ def save(path: Path, state: dict) -> None:
     state = {"format": FORMAT, **state}
     state["sha256"] = digest(state)
     write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary ``<name>.*.tmp`` beside ``path``, fsync, then rename it over
-    ``path``: a crash at any moment leaves the old file or the new one, never a torn one (and
-    at most a temporary, which ``remove_stale_temporaries`` clears). The one atomic write of
-    checkpoints and exported weights."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(path: Path) -> list:
-    """Delete the ``<name>.*.tmp`` files that a process killed inside ``save`` left beside
-    ``path`` (call it only while holding the run's lock); returns the names removed."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(path.name + ".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
 
 
 def load(path: Path) -> dict:
@@ -193,66 +161,5 @@ def load_weights(module: torch.nn.Module, weights: dict, path, what: str) -> Non
     module.load_state_dict(weights)
 
 
-def model_from_checkpoint(path, use_ema: bool = True):
-    """``(model, config, state)`` rebuilt from a checkpoint, with its EMA weights by default.
-
-    ``path`` may also be a folder that ``python -m vdm_fast.export`` wrote: it holds one set of
-    weights, the ones exported (``use_ema=False`` is refused for an EMA export), and ``state`` is
-    then ``vdm_fast.export.load_pretrained``'s info (``step``, ``config``, ``image_shape``,
-    ``vocab_size``, ``num_classes``, ``weights``, ...), not a training state."""
-    if Path(path).is_dir():
-        from vdm_fast._extras import MissingExtra
-        from vdm_fast.export import load_pretrained  # imports this module: not at the top
-
-        try:
-            model, cfg, info = load_pretrained(path)
-        except MissingExtra as err:
-            raise CheckpointError(f"{path} is a pretrained folder: {err}") from err
-        if not use_ema and info["weights"] == "ema":
-            raise CheckpointError(f"{path} holds only the EMA weights of its run (exported with --weights ema); "
-                                  "the raw model weights are in the run's checkpoint.pt")
-        return model, cfg, info
-    state = load(path)
-    try:
-        cfg = resolve(state["config"])
-        model = build_model(cfg, tuple(state["image_shape"]), state["vocab_size"], state["num_classes"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an invalid configuration: {err}") from err
-    load_weights(model, state["ema"] if use_ema else state["model"], path, "EMA" if use_ema else "model")
-    return model, cfg, state
-
-
-def model_for_cli(path):
-    """For the command-line entries: ``model_from_checkpoint``, or exit with the error."""
-    try:
-        return model_from_checkpoint(path)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}")
-
-
-class RunLock:
-    """An exclusive lock on a run folder for the life of the process (``flock`` on
-    ``<folder>/.lock``): a second trainer on the same folder is refused, and the kernel drops the
-    lock when the holder dies, even by ``kill -9``."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise CheckpointError(f"another process is training in {folder} (it holds {self.path}); "
-                                  "stop it first, or choose another --out-dir") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-__all__ = ["CheckpointError", "RunLock", "digest", "first_non_finite", "load", "load_weights", "model_for_cli",
-           "model_from_checkpoint", "remove_stale_temporaries", "save", "to_dict", "verify_compatible", "verify_weights"]
+__all__ = ["CheckpointError", "digest", "first_non_finite", "load", "load_weights", "save", "to_dict",
+           "verify_compatible", "verify_weights"]

@@ -1,4 +1,4 @@
-"""Learning curves of a run folder: ``curves.png``, and ``python -m vdm_fast.curves RUN_DIR``.
+"""Learning curves of a run folder: ``curves.png``, and ``python -m vdm_fast.training.curves RUN_DIR``.
 
 The plot has three panels: the train bits per dim of ``metrics.jsonl`` against the step and
 against the wall time (``time_s``: the trainer's seconds since the run first started,
@@ -9,7 +9,7 @@ baseline), and the learned noise schedule, ``gamma(t)`` and ``log SNR(t) = -gamm
 
 The trainer draws it at the end of a run (after the final report) and whenever it writes a
 checkpoint mid-run (the schedule of the EMA weights at that step, no test bpd yet);
-``python -m vdm_fast.curves RUN_DIR`` redraws it for any run folder, with the schedule of the
+``python -m vdm_fast.training.curves RUN_DIR`` redraws it for any run folder, with the schedule of the
 folder's ``checkpoint.pt``. It needs matplotlib, the ``plot`` extra
 (``pip install 'vdm_fast[plot]'``): without it the trainer says so once and skips the plot.
 
@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vdm_fast import _extras, cli
+from vdm_fast import extras
 
 NAME = "curves.png"
 PLOT_EXTRA = "plot"
@@ -36,8 +36,8 @@ PLOT_EXTRA = "plot"
 def missing_plot_extra() -> Optional[str]:
     """The one-line message naming the extra when matplotlib is not installed, else None."""
     try:
-        _extras.require(PLOT_EXTRA, library=True)
-    except _extras.MissingExtra as err:
+        extras.require(PLOT_EXTRA, library=True)
+    except extras.MissingExtra as err:
         return f"{NAME} skipped: {err}"
     return None
 
@@ -102,10 +102,10 @@ def schedule_from_checkpoint(run_dir):
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
         return None
-    from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
+    from vdm_fast.io import CheckpointError, load_model
 
     try:
-        model, _, state = model_from_checkpoint(path)
+        model, _, state = load_model(path)
     except (CheckpointError, ValueError) as err:
         print(f"the schedule panel is left empty: {err}", file=sys.stderr)
         return None
@@ -281,7 +281,7 @@ class RunPlots:
         self.warned = False
         self.writer = None
         if tensorboard:
-            _extras.require("tensorboard")
+            extras.require("tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
             # A resumed run hides what the killed run logged past its checkpoint (as MetricsLog
@@ -368,16 +368,18 @@ class RunPlots:
             self.writer = None
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.curves"),
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m vdm_fast.training.curves",
                                      description="Redraw the learning curves (curves.png) of a training run folder.")
-    parser.add_argument("run_dir", help="a run folder of python -m vdm_fast.train (--out-dir)")
+    parser.add_argument("run_dir", help="a run folder of python -m vdm_fast.training.train (--out-dir)")
     parser.add_argument("--out", help=f"where to write the PNG (default RUN_DIR/{NAME})")
     args = parser.parse_args(argv)
-    _extras.require(PLOT_EXTRA)
+    extras.require(PLOT_EXTRA)
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
-        raise SystemExit(f"error: {run_dir} has no metrics.jsonl: not a vdm_fast.train run folder")
+        raise SystemExit(f"error: {run_dir} has no metrics.jsonl: not a vdm_fast.training.train run folder")
     path = plot_run(run_dir, schedule="checkpoint", path=args.out)
     print(f"wrote {path}")
 

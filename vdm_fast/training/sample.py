@@ -1,49 +1,31 @@
-"""Samples of a trained VDM as a PNG grid or a .npy array: ``python -m vdm_fast.sample --ckpt PATH``.
+"""Samples of a trained VDM as a PNG grid or a .npy array: ``python -m vdm_fast.training.sample --ckpt PATH``.
 
 ``--sampler ancestral|ddim|dpm-solver|dpm-solver-sde --steps N`` (``--T`` is the same flag, kept for the
 ancestral steps; ancestral at 1000 steps is the default and gives today's images), ``--eta``
 for ddim, ``--out FILE.npy`` for the integer images themselves (int64 ``[N, C, H, W]``)."""
 
 import argparse
-import math
 
 import numpy as np
 import torch
 
-from vdm_fast._extras import require
+from vdm_fast.extras import require
 
 require("train")  # a one-line message, not an ImportError, without the extra
 
-from PIL import Image
-
-from vdm_fast import cli
-from vdm_fast.checkpoint import model_for_cli
+from vdm_fast.io import load_model_or_exit
+from vdm_fast.training.images import save_grid
 from vdm_fast.samplers import DEFAULT_SPACING, SAMPLERS, SPACINGS, check_sampler, network_evaluations
 
 DEFAULT_STEPS = {"ancestral": 1000, "ddim": 100, "dpm-solver": 20, "dpm-solver-sde": 20}
 
 
-def save_grid(images: torch.Tensor, vocab_size: int, path, scale: int = 1) -> None:
-    """Integer images ``[N, C, H, W]`` (C = 1 or 3) as one PNG, near-square grid, 1-pixel gaps."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, dtype=np.uint8)
-    pixels = (images.float() * 255.0 / (vocab_size - 1)).round().clamp(0, 255).byte()
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = pixels[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.sample"), description=__doc__)
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m vdm_fast.training.sample", description=__doc__)
     parser.add_argument("--ckpt", required=True,
-                        help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
+                        help="checkpoint.pt of a training run, or a folder written by vdm-fast export or vdm-fast convert")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
                         help="ancestral (the model's own chain), ddim (--eta), dpm-solver (DPM-Solver++(2M), the "
@@ -71,7 +53,7 @@ def main(argv=None):
         check_sampler(args.sampler, args.eta, args.spacing)
     except ValueError as err:
         parser.error(str(err))
-    model, _, _ = model_for_cli(args.ckpt)
+    model, _, _ = load_model_or_exit(args.ckpt)
     model.to(args.device).eval()
     labels = None
     if model.num_classes:

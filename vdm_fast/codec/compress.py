@@ -1,14 +1,14 @@
 """Bits-back lossless compression of integer images with a trained VDM (BB-ANS, bit-swap order).
 
-    python -m vdm_fast.compress encode --ckpt CKPT --input images.npy --output out.vdmz [--T 100]
-    python -m vdm_fast.compress decode --ckpt CKPT --input out.vdmz --output images.npy
+    python -m vdm_fast.codec.compress encode --ckpt CKPT --input images.npy --output out.vdmz [--T 100]
+    python -m vdm_fast.codec.compress decode --ckpt CKPT --input out.vdmz --output images.npy
 
 The model is the T-step discrete-time VDM; a bits-back chunk costs about its T-step negative
-ELBO (what ``python -m vdm_fast.evaluate --T`` reports); a class-conditional model codes the images
+ELBO (what ``python -m vdm_fast.training.evaluate --T`` reports); a class-conditional model codes the images
 under its unconditional p(x), the null class's. There are no seeded initial bits: the
 first images are coded directly, without bits back, until the stack can lend them, so a small
 file costs noticeably more than its bound and a large one approaches it. The coding itself
-(``vdm_fast.bitsback``) runs the model in float64 on the CPU, on all threads, and builds its
+(``vdm_fast.codec.bitsback``) runs the model in float64 on the CPU, on all threads, and builds its
 distributions so that another CPU decodes the file (see that module's notes).
 
 Stream (version 3): ``VDMZ``, the version (uint16), the header as LEB128 integers (T, N, C, H,
@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdm_fast._extras import require
+from vdm_fast.extras import require
 
 require("compress")  # a one-line message, not an ImportError, without the extra
 
 from tqdm import tqdm
 
-from vdm_fast import bitsback, cli
+from vdm_fast.codec import bitsback
 # The coder's error is the codec's: one exception for a caller to catch.
-from vdm_fast.bitsback import CodecError
+from vdm_fast.codec.bitsback import CodecError
 
 MAGIC = b"VDMZ"
 VERSION = 3  # 2: images before bits-back coded uniformly, 8-byte checks
@@ -267,10 +267,12 @@ def rate_report(data: bytes, n_images: int, dims: int) -> dict:
             "container_bits": 8 * len(data) - 32 * payload.size}
 
 
-def main(argv=None):
-    from vdm_fast.checkpoint import CheckpointError, model_from_checkpoint
+def main(argv=None, prog=None):
+    """The command line (``prog``: the program name of its usage lines, ``vdm-fast COMMAND`` under the
+    ``vdm-fast`` console command)."""
+    from vdm_fast.io import CheckpointError, load_model
 
-    parser = argparse.ArgumentParser(prog=cli.prog("vdm_fast.compress"), description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog or "python -m vdm_fast.codec.compress", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images.npy (uint8 [N, H, W, C]) -> stream")
     enc.add_argument("--T", type=int, default=100, help="diffusion steps of the discrete-time model")
@@ -280,12 +282,12 @@ def main(argv=None):
     dec = sub.add_parser("decode", help="stream -> images.npy (uint8 [N, H, W, C])")
     for p in (enc, dec):
         p.add_argument("--ckpt", required=True,
-                       help="checkpoint.pt of a training run, or a folder written by python -m vdm_fast.export")
+                       help="checkpoint.pt of a training run, or a folder written by vdm-fast export or vdm-fast convert")
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     try:
-        model, _, _ = model_from_checkpoint(args.ckpt)
+        model, _, _ = load_model(args.ckpt)
         if args.command == "encode":
             try:
                 array = np.load(args.input, allow_pickle=False)

@@ -1,4 +1,4 @@
-"""The bits-back coder behind ``vdm_fast.compress``: one ANS stack, chunks of images, the T-step
+"""The bits-back coder behind ``vdm_fast.codec.compress``: one ANS stack, chunks of images, the T-step
 VDM chain in bit-swap order, and distributions that every machine builds bit for bit alike.
 
 Bit-swap order (Kingma, Abbeel and Ho, 2019). The forward process is a Markov chain, so the
@@ -52,7 +52,7 @@ import math
 import numpy as np
 import torch
 
-from vdm_fast.reference.loss import encode as encode_data
+from vdm_fast.diffusion.pixels import encode as encode_data
 
 # Latents are coded over +-_RANGE stds around the mean; beyond that they escape. Each grid point
 # in range gets at least 2^-24 of probability (constriction's floor), so the range is kept
@@ -81,7 +81,7 @@ _COUNT_PRIOR = 0.5
 
 class CodecError(ValueError):
     """A stream that cannot be decoded into the right images, or images that the chain cannot
-    code: refused, never guessed (``vdm_fast.compress.CodecError``)."""
+    code: refused, never guessed (``vdm_fast.codec.compress.CodecError``)."""
 
 
 def _round_sig(x: float, bits: int = _SCALAR_BITS) -> float:
@@ -113,7 +113,7 @@ def _eps_hat(model, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     score converted to eps, as the bound does). A class-conditional model codes images under
     its unconditional p(x): its network gets the null class (``num_classes``)."""
     null = torch.full((len(z),), model.num_classes, dtype=torch.long) if model.num_classes else None
-    return model._eps_hat(z, gamma, null, 0.0)
+    return model.predict_eps(z, gamma, null)
 
 
 class Chain:
