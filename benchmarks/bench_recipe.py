@@ -50,12 +50,12 @@ CONFIGS = {
     "default-s3600": ["--steps", "3600"],
     "default-b48": ["--batch-size", "48"],
     "default-s6500": ["--steps", "6500"],
-    # ninth session, on an AVX2-only machine (float32: no bf16 units)
+    # measured on an AVX2-only machine (float32: no bf16 units)
     "l0": ["--n-layer", "0"],
     "l0lr4": ["--n-layer", "0", "--lr", "4e-3"],
     "default-v": ["--prediction", "v"],
     "default-lr4s3600": ["--lr", "4e-3", "--steps", "3600"],
-    # tenth session (AMX-BF16 machine): the default on the reference ops (no C++ GroupNorm, the
+    # measured on an AMX-BF16 machine: the default on the reference ops (no C++ GroupNorm, the
     # attention in bf16), for the step time the CPU kernels save
     "default-ref": ["--ops", "reference"],
 }
@@ -98,7 +98,7 @@ def steptime(ids, db: Path, steps: int = 20, rounds: int = 5) -> None:
     """Milliseconds per training step of each configuration, 2 threads: the median of ``rounds``
     rounds of ``steps`` steps, after 5 warm-up steps. The rounds of the configurations are
     interleaved (round 1 of each, then round 2 of each, ...), so that the machine's drift (a
-    2-core cloud machine's speed moves within minutes: RESULTS.md, ninth session) falls on all of
+    2-core cloud machine's speed moves within minutes: RESULTS.md, "The first run") falls on all of
     them alike."""
     import contextlib
 

@@ -192,7 +192,7 @@ class _Run:
             raise SystemExit(f"error: {err}")
         bf16 = cfg.bf16 and backend.native_bf16(self.device)
         # channels_last where the convolutions run in NHWC (cuDNN; oneDNN in bf16): an NCHW
-        # tensor would be reordered at every convolution (RESULTS.md, tenth session).
+        # tensor would be reordered at every convolution (benchmarks/RESULTS.md, "GroupNorm(+SiLU)").
         if self.device.type == "cuda" or bf16:
             model = model.to(memory_format=torch.channels_last)
         if bf16:
