@@ -22,11 +22,13 @@ For each configuration of ``CONFIGS`` the script writes into this folder:
     ``flax.serialization.to_bytes`` of the official ``TrainState`` (``step``, ``params``,
     ``ema_params``, ``opt_state`` of the official AdamW), as ``clu``'s checkpointer writes
     ``checkpoints-0/ckpt-N.flax``, xz-compressed for the repository (the test decompresses it).
-    Weights are float32, as the official trainer keeps them, drawn at random from 16 levels per
-    array (so the file compresses), away from the official zero initialisation of the layers
-    that end a residual branch (which would make the score network the identity);
-    ``ema_params`` are ``params`` with a tenth of every array's entries moved, so that which tree
-    was converted shows in every output. The optimiser's moments are its initial zeros.
+    Weights are float32, as the official trainer keeps them, drawn at random (each array from
+    4 levels around its mean, so that the files compress) and away from the official zero
+    initialisation of the layers that end a residual branch (which would make the score network
+    the identity); ``ema_params`` are ``params`` with a run of entries of every array moved, so
+    that which tree was converted shows in every output. The optimiser's moments are its
+    initial zeros. The width is 64: at 32 each GroupNorm group holds one channel, and the norms
+    would remove the time conditioning entirely (dense0, dense1 and cond_proj untested).
 ``NAME.npz``
     ``np.savez`` arrays, no objects: the inputs and the official outputs (float64), all
     computed from ``ema_params`` (what the official evaluation uses) unless named ``_params``:
@@ -72,18 +74,21 @@ from flax import linen as nn  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-N_EMBD = 32  # the smallest width the official GroupNorms (32 groups) allow
+LEVELS = 4  # weights per array: random signs and two magnitudes (few bit patterns: the files compress)
+N_EMBD = 64  # at 32 (one channel per GroupNorm group) the norms would remove the time conditioning
 BATCH = 2  # the official antithetic times take jnp.arange(0, 1, 1 / B), whose length is B for B = 2
 T_VALUES = (0, 10, 1000)
 CONFIGS = {
     # the official CIFAR-10 configuration's kind: learned scalar schedule, attention in the middle
-    "scalar": dict(gamma_type="learnable_scalar", with_attention=False, n_layer=2, image_size=8,
+    # (n_layer 0: one up block, no down block; the attention configuration has both)
+    "scalar": dict(gamma_type="learnable_scalar", with_attention=False, n_layer=0, image_size=8,
                    gamma_min=-13.3, gamma_max=5.0, step=20_000),
-    # with_attention: an attention block after every down and up block; other endpoints
+    # with_attention: an attention block after every down and up block; other endpoints; two up
+    # blocks taking the skip connections in turn
     "attention": dict(gamma_type="learnable_scalar", with_attention=True, n_layer=1, image_size=4,
                       gamma_min=-12.0, gamma_max=6.0, step=30_000),
     # the augmented CIFAR-10 configuration's schedule: the monotone network (1024 features)
-    "nnet": dict(gamma_type="learnable_nnet", with_attention=False, n_layer=1, image_size=4,
+    "nnet": dict(gamma_type="learnable_nnet", with_attention=False, n_layer=0, image_size=4,
                  gamma_min=-13.3, gamma_max=5.0, step=40_000),
 }
 
@@ -123,10 +128,10 @@ def official_config(model_vdm, spec: dict, T: int):
 
 
 def levels(rng: np.random.Generator, shape, std: float, mean: float = 0.0) -> np.ndarray:
-    """float32 draws of mean ``mean`` and deviation ``std`` from 16 equally spaced levels (uniform):
-    random enough to tell every weight's place, and few bit patterns, so the file compresses."""
-    k = rng.integers(-8, 8, size=shape) + 0.5  # uniform on 16 levels, deviation 16 / sqrt(12) / 2
-    return (mean + std * k * (2.0 * np.sqrt(3.0) / 16.0)).astype(np.float32)
+    """float32 draws of mean ``mean`` and deviation ``std`` from ``LEVELS`` equally spaced levels
+    (uniform): random enough to tell every weight's place, and few bit patterns."""
+    k = rng.integers(-LEVELS // 2, LEVELS // 2, size=shape) + 0.5  # deviation LEVELS / sqrt(12)
+    return (mean + std * k * (np.sqrt(12.0) / LEVELS)).astype(np.float32)
 
 
 def random_weights(template: dict, spec: dict, rng: np.random.Generator) -> dict:
@@ -158,13 +163,15 @@ def random_weights(template: dict, spec: dict, rng: np.random.Generator) -> dict
 
 
 def perturbed(weights: dict, rng: np.random.Generator) -> dict:
-    """A tenth of each array's entries (at least one) moved by 2% of the array's scale (or of
-    its value, for a scalar): the EMA tree, different everywhere the network reads it."""
+    """The EMA tree: in every array, a run of entries (a fiftieth, at least one) moved by 2% of
+    the array's scale (of its value, for a scalar). One run per array, so the file compresses."""
     def move(w):
-        chosen = rng.random(w.shape) < 0.1
-        chosen.flat[rng.integers(w.size)] = True
-        scale = np.abs(w).mean() if w.size > 1 else abs(float(w.flat[0]))
-        return (w + chosen * rng.choice([-1.0, 1.0], w.shape) * 0.02 * scale).astype(np.float32)
+        flat = w.reshape(-1).astype(np.float64)
+        n = max(1, flat.size // 50)
+        start = rng.integers(flat.size - n + 1)
+        scale = np.abs(flat).mean()
+        flat[start:start + n] += rng.choice([-1.0, 1.0], n) * 0.02 * scale
+        return flat.reshape(w.shape).astype(np.float32)
     return jax.tree_util.tree_map(move, weights)
 
 
