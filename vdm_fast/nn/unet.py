@@ -89,16 +89,23 @@ class ScoreUNet(nn.Module):
         self.norm_out = GroupNormSiLU(n_embd)
         self.conv_out = conv3x3(n_embd, in_channels, zero=True)
 
-    def forward(self, z: Tensor, gamma_t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, z: Tensor, gamma_t: Tensor, labels: Optional[Tensor] = None,
+                conditioning: Optional[Tensor] = None) -> Tensor:
+        """``conditioning``: the official scalar input of each example ``[B]`` (default 0), e.g.
+        the augmentation flag of the official augmented CIFAR-10 model (0 to evaluate and sample)."""
         if z.dim() != 4 or z.shape[1] != self.in_channels:
             raise ValueError(f"z must be [B, {self.in_channels}, H, W], got {tuple(z.shape)}")
         B = z.shape[0]
         if gamma_t.shape != (B,):
             raise ValueError(f"gamma_t must have shape ({B},), got {tuple(gamma_t.shape)}")
+        if conditioning is None:
+            conditioning = z.new_zeros(B)
+        elif conditioning.shape != (B,) or not conditioning.is_floating_point():
+            raise ValueError(f"conditioning must be a float tensor of shape ({B},), got {conditioning.dtype} "
+                             f"{tuple(conditioning.shape)}")
         t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
         temb = timestep_embedding(1000.0 * t.to(z.dtype), self.n_embd)
-        # The official scalar "conditioning" input, always zero (labels enter below instead).
-        cond = torch.cat([temb, torch.zeros(B, 1, device=z.device, dtype=z.dtype)], dim=1)
+        cond = torch.cat([temb, conditioning.to(z.device, z.dtype)[:, None]], dim=1)
         cond = F.silu(self.dense1(F.silu(self.dense0(cond))))
         if self.label_embedding is not None:
             if labels is None:

@@ -122,12 +122,14 @@ class VDM(nn.Module):
             return self.schedule(t)
         return gamma_and_derivative(self.schedule, t)
 
-    def _net(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor]) -> Tensor:
+    def _net(self, z: Tensor, gamma: Tensor, labels: Optional[Tensor],
+             conditioning: Optional[Tensor] = None) -> Tensor:
         args = (z, gamma) if self.num_classes == 0 else (z, gamma, labels)
+        kwargs = {} if conditioning is None else {"conditioning": conditioning}  # ScoreUNet's own input
         if self.autocast_dtype is None:
-            return self.score_net(*args)
+            return self.score_net(*args, **kwargs)
         with torch.autocast(z.device.type, dtype=self.autocast_dtype):
-            return self.score_net(*args)
+            return self.score_net(*args, **kwargs)
 
     def _labels(self, labels: Optional[Tensor], B: int, device, generator,
                 drop: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -168,7 +170,7 @@ class VDM(nn.Module):
     def forward(self, x: Tensor, T: int = 0, generator: Optional[torch.Generator] = None, *,
                 t: Optional[Tensor] = None, eps: Optional[Tensor] = None,
                 eps_0: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                drop_labels: Optional[Tensor] = None) -> VDMOutput:
+                drop_labels: Optional[Tensor] = None, conditioning: Optional[Tensor] = None) -> VDMOutput:
         """One Monte-Carlo estimate of the bound's terms for each image of ``x`` (``VDMOutput``).
 
         ``T = 0``: continuous-time diffusion loss; ``T > 0``: the T-step discrete-time loss.
@@ -176,7 +178,8 @@ class VDM(nn.Module):
         ``generator`` unless given (a data-parallel trainer slices them from a global draw).
         ``labels``: class indices ``[B]`` of a conditional model (``num_classes`` = none);
         ``drop_labels``: bool ``[B]``, which of them training replaces by the null class (drawn
-        with probability ``label_dropout`` unless given).
+        with probability ``label_dropout`` unless given). ``conditioning``: the scalar input
+        ``[B]`` of ``ScoreUNet`` (the official one's; default 0), passed to the network as given.
 
         Nothing is kept on the module. A training step::
 
@@ -231,7 +234,7 @@ class VDM(nn.Module):
             # examples independently (no batch statistics), as every score network here does.
             inverse = torch.where(weight > 0, 1.0 / weight, torch.zeros_like(weight))
             z_in, gamma_in = _scale_grad(z_t, inverse), _scale_grad(gamma_t, inverse)
-        pred = self._net(z_in, gamma_in, labels)
+        pred = self._net(z_in, gamma_in, labels, conditioning)
         if weighted:
             pred = _scale_grad(pred, weight)
         eps_0 = self._noise(eps_0, f, generator)  # after the network, whose dropout may share the RNG
