@@ -124,7 +124,7 @@ def test_the_cli_imports_no_extra_for_help_and_refuses_an_unknown_command():
                 cli.main(["--help"])
             except SystemExit as stop:
                 assert stop.code == 0, stop.code
-        print([m for m in ("sklearn", "tqdm", "PIL", "yaml", "constriction", "safetensors")
+        print([m for m in ("sklearn", "tqdm", "PIL", "yaml", "constriction", "safetensors", "msgpack")
                + tuple("vdm_fast." + c for c in cli.COMMANDS) if m in sys.modules and m not in before])
         with contextlib.redirect_stderr(io.StringIO()) as err:
             try:
@@ -154,7 +154,7 @@ def test_each_subcommand_hands_its_arguments_to_the_modules_main(monkeypatch):
     assert cli.main(["check"]) == 1  # check's exit status comes through
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "sample", "compress", "export", "check", "curves"])
+@pytest.mark.parametrize("name", ["train", "evaluate", "sample", "compress", "export", "check", "curves", "convert"])
 def test_each_subcommands_usage_line_names_the_command_that_ran_it(name, capsys):
     """`vdm-fast NAME --help` shows `usage: vdm-fast NAME`, `python -m MODULE --help`
     `usage: python -m MODULE`: the line a user copies names what they typed."""

@@ -7,6 +7,7 @@
     vdm-fast export --ckpt CKPT --out D (python -m vdm_fast.training.export)
     vdm-fast check [--device cuda]      (python -m vdm_fast.check)
     vdm-fast curves RUN_DIR             (python -m vdm_fast.training.curves)
+    vdm-fast convert CKPT --out D       (python -m vdm_fast.integrations.official)
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)``, so its flags
 and its ``--help`` are the module's own. A console script does not put the working directory on
@@ -29,6 +30,8 @@ COMMANDS = {
     "export": ("vdm_fast.training.export", "write a checkpoint's weights as model.safetensors + config.json"),
     "check": ("vdm_fast.check", "self-test every op on this device against its reference; prints the build"),
     "curves": ("vdm_fast.training.curves", "redraw a run folder's learning curves and learned schedule (curves.png)"),
+    "convert": ("vdm_fast.integrations.official",
+                "convert an official VDM checkpoint (google-research/vdm, JAX/Flax) to model.safetensors + config.json"),
 }
 
 

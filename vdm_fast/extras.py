@@ -10,6 +10,7 @@ EXTRAS = {
     "plot": ("matplotlib",),  # curves.png of a training run, python -m vdm_fast.training.curves (optional)
     "tensorboard": ("tensorboard",),  # python -m vdm_fast.training.train --tensorboard
     "likelihood": ("torchdiffeq",),  # python -m vdm_fast.training.evaluate --likelihood ode, vdm_fast.likelihood
+    "official": ("msgpack", "safetensors"),  # vdm-fast convert: the official (JAX/Flax) checkpoints
 }
 
 
