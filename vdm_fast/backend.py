@@ -24,17 +24,32 @@ import torch
 
 BACKENDS = ("auto", "reference")
 
-# The compiled module (None where it failed to build or load: the CPU ops then run the reference).
+
+def _why_no_extension(err: ImportError) -> str:
+    """What stopped ``vdm_fast._C`` from loading, and how to get it: the one warning at import."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = sorted(name for name in os.listdir(here) if name.startswith("_C.") and name.endswith((".so", ".pyd")))
+    if not built:
+        why = "it was not built (no working C++ compiler when vdm_fast was installed)"
+    elif not any(name == "_C" + suffix for name in built for suffix in EXTENSION_SUFFIXES):
+        why = f"{', '.join(built)} was built for another Python (this one loads _C{EXTENSION_SUFFIXES[0]})"
+    else:
+        why = f"it failed to load ({err}): built for another Python or CPU?"
+    return (f"vdm_fast: the compiled extension vdm_fast._C is not used: {why}; the CPU ops run on the "
+            "pure-PyTorch reference, which is slower. To build it, install a C++ compiler (g++ or clang++) and "
+            "reinstall vdm_fast from its source (pip install --force-reinstall --no-deps SOURCE); `vdm-fast check` "
+            "then reports the build.")
+
+
+# The compiled module (None where it was not built or fails to load: the CPU ops then run the
+# reference). A `_C` built for another Python or CPU is refused here, with the warning, too.
 try:
     from vdm_fast import _C as cpu_kernels
-except ImportError as _err:  # tests/test_build.py checks this path
+except ImportError as _err:  # tests/test_build.py and tests/build/test_portable_build.py check this path
     cpu_kernels = None
-    warnings.warn(
-        f"vdm_fast: the compiled extension vdm_fast._C could not be loaded ({_err}); "
-        "the CPU ops fall back to the pure-PyTorch reference, which is slower.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    warnings.warn(_why_no_extension(_err), RuntimeWarning, stacklevel=2)
 
 # Whether triton is installed, without importing it (slow, and the CPU paths never need it).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
