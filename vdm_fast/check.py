@@ -132,6 +132,13 @@ def main(argv=None, prog=None):
         raise SystemExit(f"error: --device must be cpu or cuda, got {args.device}")
     print(f"vdm_fast self-test on {device}: vdm_fast {vdm_fast.__version__} from {vdm_fast.__path__[0]}, "
           f"torch {torch.__version__}, backend {backend.current()}, build {backend.build_info()}")
+    info = backend.build_info()
+    if info.get("openmp"):
+        threads = info["openmp_max_threads"]
+        print(f"C++ CPU kernels: OpenMP, {threads} thread{'s' if threads != 1 else ''}")
+    else:
+        print("C++ CPU kernels: " + ("without OpenMP, 1 thread" if info["extension"] else "not built (the CPU ops run "
+                                     "the reference)"))
     rows = check(device, timing=not args.no_timing)
     print(f"{'op':<20} {'dtype':<9} {'implementation':<36} {'max rel err':>11} {'tolerance':>9} {'ref/fused':>9}  "
           "result")
