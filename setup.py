@@ -134,15 +134,23 @@ class OptionalBuildExt(build_ext):
 
     def _remove_outputs(self):
         """No ``_C`` is left from a failed build: neither in the build folder nor, for an
-        in-place or editable build, a stale one from an earlier build beside the sources."""
-        inplace = self.inplace
-        paths = []
-        for self.inplace in (False, True):  # get_ext_fullpath answers for the build folder, then in place
-            paths += [self.get_ext_fullpath(ext.name) for ext in self.extensions]
-        self.inplace = inplace
+        in-place or editable build, a stale one from an earlier build beside the sources (a
+        regular build leaves the sources' folder alone)."""
+        paths = [self._output(ext, inplace=False) for ext in self.extensions]
+        if self.inplace:
+            paths += [self._output(ext, inplace=True) for ext in self.extensions]
         for path in paths:
             if os.path.exists(path):
                 os.remove(path)
+
+    def _output(self, ext, inplace: bool) -> str:
+        """Where ``ext`` is written: the build folder, or beside the sources (get_ext_fullpath
+        answers for the one ``self.inplace`` names)."""
+        current, self.inplace = self.inplace, inplace
+        try:
+            return self.get_ext_fullpath(ext.name)
+        finally:
+            self.inplace = current
 
 
 ext = Pybind11Extension(

@@ -195,7 +195,11 @@ def installed_without_compiler(tmp_path_factory):
     """vdm_fast installed where the C++ compiler does not exist: ``(site folder, pip's result)``."""
     tmp = tmp_path_factory.mktemp("no_compiler")
     source = _copy_sources(tmp / "src")
-    return tmp / "site", _pip_install(source, tmp / "site", **NO_COMPILER)
+    # An earlier in-place build's module in the sources: a regular build must leave it alone.
+    (source / "vdm_fast" / f"_C{EXTENSION_SUFFIXES[0]}").write_bytes(b"built in place earlier")
+    proc = _pip_install(source, tmp / "site", **NO_COMPILER)
+    assert _compiled(source) == [f"_C{EXTENSION_SUFFIXES[0]}"], "the failed build removed a file of the sources"
+    return tmp / "site", proc
 
 
 def test_without_a_compiler_the_install_succeeds_and_import_warns_once(installed_without_compiler, tmp_path):
@@ -242,6 +246,9 @@ def test_an_editable_install_without_a_compiler_imports_from_its_checkout_and_no
     editable install points to: there nothing is shadowed, and the one warning says _C is missing."""
     python = _venv_beside_this_one(tmp_path / "venv")
     checkout, other = _copy_sources(tmp_path / "checkout"), _copy_sources(tmp_path / "other")
+    # A module from an earlier in-place build, stale once the sources moved on: the failed
+    # editable build removes it, so it cannot run against sources it was not built from.
+    (checkout / "vdm_fast" / f"_C{EXTENSION_SUFFIXES[0]}").write_bytes(b"built in place earlier")
     environ = {k: v for k, v in os.environ.items() if k not in BUILD_VARIABLES and k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-e",
                            str(checkout)], capture_output=True, text=True, env={**environ, **NO_COMPILER},
