@@ -1,9 +1,14 @@
 """vdm_fast: fast Variational Diffusion Models for PyTorch.
 
-- ``vdm_fast.reference``: the readable pure-PyTorch truth every kernel is checked against.
 - ``vdm_fast.ops``: drop-in fused ops (``torch.library`` custom ops with autograd).
 - ``vdm_fast.nn``: noise schedules, the VDM score U-Net and the ``VDM`` model.
+- ``vdm_fast.diffusion``: the VDM math the rest shares; ``vdm_fast.reference``: the readable
+  pure-PyTorch truth every kernel is checked against.
+- ``vdm_fast.io``: checkpoints and exported folders, ``load_model(path)``.
+- ``vdm_fast.samplers``, ``vdm_fast.likelihood``: fast samplers, the probability-flow ODE.
 - ``vdm_fast.backend``: which implementation runs each op, and a scoped switch to the reference.
+- ``vdm_fast.training``, ``vdm_fast.codec``, ``vdm_fast.integrations``: the driver and its CLIs,
+  bits-back compression, adapters to other libraries and the official checkpoints' converter.
 """
 
 

@@ -70,7 +70,6 @@ jax.config.update("jax_enable_x64", True)
 import flax  # noqa: E402 (after x64 is enabled)
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
