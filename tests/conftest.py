@@ -1,4 +1,4 @@
-"""Test set-up shared by every module.
+"""Test set-up shared by every module, and the fixtures that modules in several folders use.
 
 Triton kernels run on the CPU through its interpreter where no GPU exists: TRITON_INTERPRET
 must be set before triton is first imported, hence here, at collection.
@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import PoisonedTorch  # noqa: E402 (imports vdm_fast, which reads TRITON_INTERPRET)
+from helpers import ONE_THREAD, PoisonedTorch, run_cli  # noqa: E402 (imports vdm_fast, which reads TRITON_INTERPRET)
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +36,36 @@ def poisoned(monkeypatch):
     def apply(module):
         monkeypatch.setattr(module, "torch", PoisonedTorch())
     return apply
+
+
+# The trained runs the tests share: tiny digits models, trained once a session in a subprocess
+# and only read by the tests. No samples, one test batch.
+_TINY_RUN = ["--n-embd", "32", "--n-layer", "1", "--batch-size", "16", "--log-every", "2", "--sample-n", "0",
+             "--eval-batches", "1", "--warmup", "5"]
+
+
+def _train(folder, steps: int, *extra):
+    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(folder), "--steps", str(steps), *_TINY_RUN, *extra],
+                   env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    return folder / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """checkpoint.pt of a 4-step run on the digits (its result.json beside it)."""
+    return _train(tmp_path_factory.mktemp("tiny"), 4)
+
+
+@pytest.fixture(scope="session")
+def conditional_ckpt(tmp_path_factory):
+    """checkpoint.pt of a 4-step class-conditional run on the digits."""
+    return _train(tmp_path_factory.mktemp("conditional"), 4, "--conditional")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The digits' test images."""
+    from vdm_fast.training import data
+
+    return data.load_digits().test.images

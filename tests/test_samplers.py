@@ -1,80 +1,24 @@
 """The samplers (``vdm_fast.samplers``: ancestral, DDIM, DPM-Solver++(2M)), the inverted schedule
-``t(lambda)``, the sampling CLI's flags, and the diffusers scheduler (``integrations`` extra).
+``t(lambda)`` and the sampling CLI's flags.
 
 The exact checks use a model whose noise prediction is the Bayes denoiser of Gaussian data
-``x ~ N(mu, s^2)`` per element: ``E[eps | z_t] = sigma_t (z_t - alpha_t mu) / (alpha_t^2 s^2 +
-sigma_t^2)``. Its probability-flow ODE keeps ``(z_t - alpha_t mu) / sqrt(alpha_t^2 s^2 +
-sigma_t^2)`` constant, so ``z_1`` maps to a known ``z_0``, which the deterministic samplers
-must approach at their order (DDIM 1, DPM-Solver++(2M) 2). Classifier-free guidance of two such
-classes is again a Gaussian denoiser, of mean ``(1 + w) mu_c - w mu_null``.
+``x ~ N(mu, s^2)`` per element (``helpers.gaussian_vdm``): ``E[eps | z_t] = sigma_t (z_t - alpha_t
+mu) / (alpha_t^2 s^2 + sigma_t^2)``. Its probability-flow ODE keeps ``(z_t - alpha_t mu) /
+sqrt(alpha_t^2 s^2 + sigma_t^2)`` constant, so ``z_1`` maps to a known ``z_0``, which the
+deterministic samplers must approach at their order (DDIM 1, DPM-Solver++(2M) 2). Classifier-free
+guidance of two such classes is again a Gaussian denoiser, of mean ``(1 + w) mu_c - w mu_null``.
 """
-
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, torchvision_or_stub
-from torch import nn
+from helpers import SAMPLERS, assert_close, curved_schedule, gaussian_vdm, small_vdm
 
 from vdm_fast import nn as vnn
 from vdm_fast import samplers
 from vdm_fast.diffusion.pixels import decode
-from vdm_fast.integrations.adapters import from_diffusers
 from vdm_fast.diffusion.process import alpha_sigma, per_example
 from vdm_fast.diffusion.sampling import ancestral_step
-
-SAMPLERS = [("ancestral", None), ("ddim", None), ("ddim", 0.5), ("dpm-solver", None), ("dpm-solver-sde", None)]
-
-
-def small_vdm(schedule="scalar", channels=1, size=6, num_classes=0, perturb=0.0, dtype=torch.float32):
-    net = vnn.ScoreUNet(in_channels=channels, n_embd=32, n_layer=1, dropout=0.0, gamma_min=-7.0, gamma_max=5.0,
-                        num_classes=num_classes)
-    model = vnn.VDM(net, curved(vnn.SCHEDULES[schedule](-7.0, 5.0)), (channels, size, size), vocab_size=17,
-                    num_classes=num_classes).to(dtype).eval()
-    with torch.no_grad():  # off the zero-initialised output layer, so the network's answer matters
-        for p in net.parameters():
-            p.add_(perturb * torch.randn_like(p))
-    return model
-
-
-def curved(schedule):
-    """A schedule moved off its initialisation: a visibly nonlinear monotone network, a scalar
-    schedule with other endpoints."""
-    with torch.no_grad():
-        if isinstance(schedule, vnn.MonotoneNetSchedule):
-            schedule.w2.normal_(0.0, 3.0)
-            schedule.b2.normal_(0.0, 1.0)
-            schedule.w3.normal_(0.0, 5.0)
-            if schedule.pinned:
-                schedule.gamma_0.fill_(-6.5)
-                schedule.gamma_1.fill_(4.0)
-        elif isinstance(schedule, vnn.LearnedScalarSchedule):
-            schedule.w.fill_(-11.0)  # |w| is the slope
-            schedule.b.fill_(-6.0)
-    return schedule
-
-
-class GaussianDenoiser(nn.Module):
-    """The exact noise prediction for data ``N(means[c], s^2)`` per element (``means[-1]`` for the
-    null class; ``means[0]`` when unconditional)."""
-
-    def __init__(self, means, s=0.3):
-        super().__init__()
-        self.means = nn.Parameter(torch.as_tensor(means, dtype=torch.float64))
-        self.s = s
-
-    def forward(self, z, gamma, labels=None):
-        alpha, sigma = alpha_sigma(per_example(gamma, z))
-        mean = self.means[0] if labels is None else per_example(self.means[labels], z)
-        return sigma * (z - alpha * mean) / (alpha**2 * self.s**2 + sigma**2)
-
-
-def gaussian_vdm(schedule="fixed", means=(0.2,), num_classes=0):
-    return vnn.VDM(GaussianDenoiser(means), curved(vnn.SCHEDULES[schedule](-7.0, 5.0)), (1, 8, 8), vocab_size=17,
-                   num_classes=num_classes).double().eval()
 
 
 def flow_solution(model, z_1, mean, s=0.3):
@@ -277,16 +221,10 @@ def test_each_sampler_samples_a_conditional_model_with_guidance(sampler, eta):
 
 # --- t(lambda) ---------------------------------------------------------------------------------
 
-def _schedule(kind):
-    if kind == "pinned":
-        return curved(vnn.MonotoneNetSchedule(-7.0, 5.0, pinned=True))
-    return curved(vnn.SCHEDULES[kind](-7.0, 5.0))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["fixed", "scalar", "nnet", "pinned"])
 def test_the_schedule_inverts_exactly(kind, dtype):
-    schedule = _schedule(kind).to(dtype)
+    schedule = curved_schedule(kind).to(dtype)
     t = torch.cat([torch.rand(200, dtype=dtype), torch.tensor([0.0, 1.0, 0.5, 1e-7], dtype=dtype)])
     gamma = schedule(t)[0].detach()
     inverse = samplers.invert_schedule(schedule, gamma)
@@ -310,7 +248,7 @@ def test_a_plain_callable_schedule_inverts_and_bad_ones_are_refused():
 
 @pytest.mark.parametrize("kind", ["scalar", "nnet", "pinned"])
 def test_the_lambda_grid_is_uniform_in_log_snr_from_gamma_1_to_gamma_0(kind):
-    model = vnn.VDM(vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=0), _schedule(kind), (1, 4, 4),
+    model = vnn.VDM(vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=0), curved_schedule(kind), (1, 4, 4),
                     vocab_size=17).double()
     t, gamma = samplers.time_grid(model, 16, "lambda")
     assert t[0] == 1.0 and t[-1] == 0.0 and (t[1:] < t[:-1]).all()
@@ -320,136 +258,29 @@ def test_the_lambda_grid_is_uniform_in_log_snr_from_gamma_1_to_gamma_0(kind):
 
 # --- the command line ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    args = ["--out-dir", str(out), "--steps", "2", "--n-embd", "32", "--n-layer", "1", "--batch-size", "16",
-            "--sample-n", "0", "--eval-batches", "1", "--warmup", "1", "--log-every", "1"]
-    proc = subprocess.run([sys.executable, "-m", "vdm_fast.training.train", *args], capture_output=True, text=True,
-                          timeout=300, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    return out / "checkpoint.pt"
-
-
-def test_the_cli_writes_npy_integer_images_and_png_grids(checkpoint, tmp_path, capsys):
+def test_the_cli_writes_npy_integer_images_and_png_grids(tiny_ckpt, tmp_path, capsys):
     from vdm_fast.training import sample as cli
     from vdm_fast.io import load_model_or_exit
 
-    model = load_model_or_exit(str(checkpoint))[0].eval()
+    model = load_model_or_exit(str(tiny_ckpt))[0].eval()
     today = tmp_path / "today.npy"
-    cli.main(["--ckpt", str(checkpoint), "--n", "5", "--T", "3", "--out", str(today), "--device", "cpu"])
+    cli.main(["--ckpt", str(tiny_ckpt), "--n", "5", "--T", "3", "--out", str(today), "--device", "cpu"])
     arr = np.load(today, allow_pickle=False)
     assert arr.dtype == np.int64 and arr.shape == (5, 1, 8, 8) and arr.min() >= 0 and arr.max() < 17
     assert np.array_equal(arr, model.sample(5, 3, generator=torch.Generator().manual_seed(0)).numpy())
     assert "ancestral, 3 steps, 3 network evaluations" in capsys.readouterr().out
     for sampler, extra in (("ddim", ["--eta", "0.5"]), ("dpm-solver", ["--spacing", "time"])):
         out = tmp_path / f"{sampler}.npy"
-        cli.main(["--ckpt", str(checkpoint), "--n", "4", "--sampler", sampler, "--steps", "4", *extra,
+        cli.main(["--ckpt", str(tiny_ckpt), "--n", "4", "--sampler", sampler, "--steps", "4", *extra,
                   "--out", str(out), "--device", "cpu", "--seed", "7"])
         expected = model.sample(4, 4, generator=torch.Generator().manual_seed(7), sampler=sampler,
                                 eta=0.5 if sampler == "ddim" else None, spacing=None if sampler == "ddim" else "time")
         assert np.array_equal(np.load(out), expected.numpy())
     png = tmp_path / "grid.png"
-    cli.main(["--ckpt", str(checkpoint), "--n", "4", "--sampler", "dpm-solver", "--steps", "3", "--out", str(png),
+    cli.main(["--ckpt", str(tiny_ckpt), "--n", "4", "--sampler", "dpm-solver", "--steps", "3", "--out", str(png),
               "--device", "cpu"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
-        cli.main(["--ckpt", str(checkpoint), "--sampler", "dpm-solver", "--eta", "0.5", "--out", str(png)])
+        cli.main(["--ckpt", str(tiny_ckpt), "--sampler", "dpm-solver", "--eta", "0.5", "--out", str(png)])
     with pytest.raises(SystemExit):
-        cli.main(["--ckpt", str(checkpoint), "--steps", "0", "--out", str(png)])
-
-
-# --- the diffusers scheduler --------------------------------------------------------------------
-
-def test_importing_vdm_fast_never_imports_diffusers():
-    code = ("import sys, vdm_fast, vdm_fast.nn, vdm_fast.samplers, vdm_fast.training.sample; "
-            "assert 'diffusers' not in sys.modules, 'diffusers imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/",
-                          env={**os.environ})
-    assert proc.returncode == 0, proc.stderr
-
-
-def _diffusers_loop(scheduler, eps_model, shape, steps, seed, dtype=torch.float64):
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g, dtype=dtype)
-    for t in scheduler.timesteps:
-        z = scheduler.step(eps_model(scheduler.scale_model_input(z, t), t), t, z, generator=g).prev_sample
-    return z
-
-
-@pytest.mark.parametrize("sampler,eta", SAMPLERS)
-@pytest.mark.parametrize("schedule", ["fixed", "scalar", "nnet", "pinned"])
-def test_a_diffusers_loop_with_the_scheduler_is_vdm_fasts_sampler(schedule, sampler, eta, tmp_path):
-    pytest.importorskip("diffusers")
-    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
-
-    model = gaussian_vdm()  # smooth in z: the comparison is not amplified chaos (see the ddim test)
-    model.schedule = _schedule(schedule).double()
-    VDMScheduler.from_vdm(model, sampler=sampler, eta=eta).save_pretrained(tmp_path)
-    scheduler = VDMScheduler.from_pretrained(tmp_path)  # the schedule travels in its config
-    assert_close(scheduler.gamma(torch.linspace(0, 1, 101)), model.gamma(torch.linspace(0, 1, 101).double())[0], 1e-14)
-    g = torch.Generator().manual_seed(4)
-    z_1 = torch.randn((3, 1, 8, 8), generator=g, dtype=torch.float64)
-    expected = samplers.denoise(model, z_1, 12, sampler, eta=eta, generator=g)
-    z_0 = _diffusers_loop(scheduler, scheduler.eps_model(model), (3, 1, 8, 8), 12, seed=4)
-    assert_close(z_0, expected, 1e-10)
-    if sampler == "ancestral":
-        images = model.sample(3, 12, generator=torch.Generator().manual_seed(4))
-        assert torch.equal(samplers.decode(model, z_0), images)
-        assert torch.equal(scheduler.decode(z_0, model.vocab_size), images)
-
-
-def test_the_scheduler_runs_a_random_unet_vdm_as_vdm_fast_does():
-    pytest.importorskip("diffusers")
-    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
-
-    model = small_vdm("scalar", perturb=0.05, dtype=torch.float64)
-    scheduler = VDMScheduler.from_vdm(model)
-    z_0 = _diffusers_loop(scheduler, scheduler.eps_model(model), (3, 1, 6, 6), 5, seed=4)
-    assert torch.equal(samplers.decode(model, z_0), model.sample(3, 5, generator=torch.Generator().manual_seed(4)))
-
-
-def test_the_scheduler_guides_and_noises_as_vdm_fast_does():
-    pytest.importorskip("diffusers")
-    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
-    from vdm_fast.reference.loss import diffuse
-
-    model = gaussian_vdm("nnet", means=(0.3, -0.2, 0.05), num_classes=2)
-    labels = torch.tensor([0, 1, 2])
-    scheduler = VDMScheduler.from_vdm(model, sampler="dpm-solver")
-    g = torch.Generator().manual_seed(1)
-    z_1 = torch.randn((3, 1, 8, 8), generator=g, dtype=torch.float64)
-    expected = samplers.denoise(model, z_1, 5, "dpm-solver", labels=labels, guidance=2.0)
-    z_0 = _diffusers_loop(scheduler, scheduler.eps_model(model, labels, 2.0), (3, 1, 8, 8), 5, seed=1)
-    assert_close(z_0, expected, 1e-10)
-    assert not torch.allclose(z_0, samplers.denoise(model, z_1, 5, "dpm-solver", labels=labels))
-    assert scheduler.timesteps.dtype == torch.float32 and len(scheduler.timesteps) == 5
-    assert scheduler.timesteps[0] == 1000.0 and (scheduler.timesteps[1:] < scheduler.timesteps[:-1]).all()
-    # add_noise: z_t = alpha_t x + sigma_t eps at the timesteps' gamma
-    x, eps = torch.rand(3, 1, 6, 6, dtype=torch.float64) * 2 - 1, torch.randn(3, 1, 6, 6, dtype=torch.float64)
-    timesteps = torch.tensor([50.0, 500.0, 975.0])
-    gamma = model.gamma(timesteps.double() / 1000)[0].detach()
-    assert_close(scheduler.add_noise(x, eps, timesteps), diffuse(x, eps, gamma), 1e-12)
-    assert_close(scheduler.gamma_for_timestep(timesteps), gamma, 1e-12)
-
-
-def test_a_diffusers_unet_in_the_loop_takes_the_schedulers_timesteps_directly():
-    """A UNet2DModel behind from_diffusers on a fixed schedule embeds 1000 t: the scheduler's
-    timesteps, so the U-Net itself goes in the loop unwrapped."""
-    torchvision_or_stub()
-    diffusers = pytest.importorskip("diffusers")
-    from vdm_fast.integrations.diffusers_scheduler import VDMScheduler
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(32, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
-    model = vnn.VDM(from_diffusers(unet, -7.0, 5.0), vnn.FixedLinearSchedule(-7.0, 5.0), (1, 8, 8), vocab_size=17)
-    scheduler = VDMScheduler.from_vdm(model)
-    g = torch.Generator().manual_seed(0)
-    z_1 = torch.randn((2, 1, 8, 8), generator=g)
-    expected = samplers.denoise(model, z_1, 4, "ancestral", generator=g)
-    with torch.no_grad():
-        z_0 = _diffusers_loop(scheduler, lambda z, t: unet(z, t).sample, (2, 1, 8, 8), 4, seed=0, dtype=torch.float32)
-    assert_close(z_0, expected, 1e-4)
+        cli.main(["--ckpt", str(tiny_ckpt), "--steps", "0", "--out", str(png)])

@@ -1,60 +1,24 @@
-"""The score network, the VDM model and its sampler (reference composition)."""
+"""``nn/vdm.py``: the VDM model (the bound as the reference composition, its sampler, the four
+parameterisations, weighted objectives, guidance), its autocast scope, the schedule's gradient
+under weighted objectives and variance minimisation, and bad input refused by name."""
 
 import math
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, tiny_digits_vdm
 
+from vdm_fast import config
 from vdm_fast import nn as vnn
-from vdm_fast.diffusion import features, pixels, sampling
-from vdm_fast.diffusion.process import alpha_sigma
+from vdm_fast.nn import LearnedScalarSchedule, MonotoneNetSchedule
+from vdm_fast.diffusion import parameterization as param
+from vdm_fast.diffusion import pixels
 from vdm_fast.reference import loss as ref_loss
 
 
 def small_vdm(schedule="scalar", attention="middle", channels=1, size=6, vocab=17, n_layer=1):
     net = vnn.ScoreUNet(in_channels=channels, n_embd=32, n_layer=n_layer, dropout=0.0, attention=attention)
     return vnn.VDM(net, vnn.SCHEDULES[schedule](), (channels, size, size), vocab_size=vocab)
-
-
-def test_fourier_features_follow_the_official_channel_order():
-    z = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    out = features.fourier_features(z)
-    assert out.shape == (2, 12, 4, 5)
-    for c in range(3):
-        for k, power in enumerate((6, 7)):
-            arg = 2.0**power * 2 * math.pi * z[:, c]
-            assert_close(out[:, 2 * c + k], torch.sin(arg), 1e-12)  # sines first ...
-            assert_close(out[:, 6 + 2 * c + k], torch.cos(arg), 1e-12)  # ... then cosines
-
-
-def test_timestep_embedding_values():
-    t = torch.tensor([0.0, 3.0, 500.0], dtype=torch.float64)
-    emb = features.timestep_embedding(t, 9)
-    half = 4
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float64) / (half - 1))
-    assert_close(emb[:, :half], torch.sin(t[:, None] * freqs), 1e-12)
-    assert_close(emb[:, half:2 * half], torch.cos(t[:, None] * freqs), 1e-12)
-    assert (emb[:, -1] == 0).all()
-
-
-def test_unet_structure_and_zero_initialised_output():
-    net = vnn.ScoreUNet(in_channels=3, n_embd=32, n_layer=2, attention="all")
-    assert len(net.down) == 2 and len(net.up) == 3 and len(net.up_attn) == 3
-    z = torch.randn(2, 3, 5, 7)
-    # conv_out starts at zero, so the untrained network returns its input (eps_hat = out + z).
-    assert torch.equal(net(z, torch.tensor([-3.0, 1.0])), z)
-    middle_only = vnn.ScoreUNet(in_channels=3, n_embd=32, n_layer=2)
-    assert middle_only.down_attn is None and middle_only.up_attn is None
-
-
-def test_unet_gradients_reach_every_parameter():
-    net = vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=1, dropout=0.0)
-    for p in net.parameters():  # move off the zero init so every path carries gradient
-        p.data.add_(0.05 * torch.randn_like(p))
-    net(torch.randn(2, 1, 4, 4), torch.tensor([-5.0, 2.0])).square().sum().backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
 
 
 @pytest.mark.parametrize("schedule", ["fixed", "scalar", "nnet"])
@@ -99,22 +63,6 @@ def test_sampling_is_deterministic_for_a_seed_and_has_the_right_shape():
     assert sampled.shape == (3, 2, 5, 5)
 
 
-def test_ancestral_step_matches_the_gaussian_posterior():
-    """With eps_hat = the true eps, the step's mean is E[z_s | z_t, x] of q."""
-    x = torch.randn(1000, 4, dtype=torch.float64)
-    eps = torch.randn_like(x)
-    g_t, g_s = torch.full((1000,), 2.0, dtype=torch.float64), torch.full((1000,), -1.0, dtype=torch.float64)
-    z_t = ref_loss.diffuse(x, eps, g_t)
-    mean = sampling.ancestral_step(z_t, eps, g_t, g_s, torch.zeros_like(x))
-    # q(z_s | z_t, x) mean: (alpha_t|s sigma_s^2 / sigma_t^2) z_t + (alpha_s sigma_t|s^2 / sigma_t^2) x
-    a_t, s_t = alpha_sigma(g_t[:, None])
-    a_s, s_s = alpha_sigma(g_s[:, None])
-    a_ts = a_t / a_s
-    var_ts = s_t**2 - a_ts**2 * s_s**2
-    expected = (a_ts * s_s**2 / s_t**2) * z_t + (a_s * var_ts / s_t**2) * x
-    assert_close(mean, expected, 1e-12)
-
-
 def test_bpd_evaluation_runs_without_grad_and_with_T():
     model = small_vdm().eval()
     x = torch.randint(0, 17, (2, 1, 6, 6))
@@ -123,10 +71,26 @@ def test_bpd_evaluation_runs_without_grad_and_with_T():
         assert bpd.shape == (2,) and not bpd.requires_grad and torch.isfinite(bpd).all()
 
 
+def test_model_rejects():
+    model = vnn.VDM(vnn.ScoreUNet(in_channels=1, n_embd=32, n_layer=0), vnn.FixedLinearSchedule(),
+                    (1, 4, 4), vocab_size=17)
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, 4, 4\]"):
+        model(torch.randint(0, 17, (2, 1, 5, 5)))
+    with pytest.raises(ValueError, match=r"x must lie in \[0, vocab_size\) = \[0, 17\)"):
+        model(torch.full((2, 1, 4, 4), 17))
+    with pytest.raises(ValueError, match="T must be >= 0"):
+        model(torch.randint(0, 17, (2, 1, 4, 4)), T=-1)
+    with pytest.raises(ValueError, match="n must be > 0"):
+        model.sample(0, T=3)
+    with pytest.raises(ValueError, match="image_shape must be"):
+        vnn.VDM(model.score_net, vnn.FixedLinearSchedule(), (4, 4))
+    with pytest.raises(ValueError, match="attention must be"):
+        vnn.ScoreUNet(attention="everywhere")
+    with pytest.raises(ValueError, match=r"z must be \[B, 1, H, W\]"):
+        model.score_net(torch.randn(2, 3, 4, 4), torch.zeros(2))
+
+
 # --- the unified view at the model level: parameterisations, weightings, guidance ---------------
-
-from vdm_fast.diffusion import parameterization as param  # noqa: E402
-
 
 class _AsKind(torch.nn.Module):
     """Turns an eps network into the equivalent network of another prediction kind."""
@@ -238,3 +202,95 @@ def test_a_training_forward_leaves_nothing_on_the_module(schedule_objective, wei
     assert _attributes(model) == before
     assert out.weight.shape == (4,) and not out.weight.requires_grad
     assert out.gamma_t.requires_grad and out.dgamma_dt.requires_grad
+
+
+# --- autocast covers the score network only ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_schedule_and_loss_stay_float32_under_the_score_networks_autocast(use_backend, backend):
+    use_backend(backend)
+    x = torch.randint(0, 17, (4, 1, 8, 8))
+    seen = {}
+    results = []
+    for autocast in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = tiny_digits_vdm(MonotoneNetSchedule(-7.0, 5.0, n_features=16), torch.float32, autocast_dtype=autocast)
+        model.schedule.register_forward_hook(lambda m, i, out: seen.__setitem__("schedule", out))
+        model.score_net.conv_out.register_forward_hook(lambda m, i, out: seen.__setitem__("net", out.dtype))
+        out = model(x, generator=torch.Generator().manual_seed(1))
+        assert all(g.dtype == torch.float32 for g in seen["schedule"])
+        assert seen["net"] == (autocast or torch.float32)  # the autocast does reach the network
+        assert out.bpd.dtype == torch.float32
+        results.append(seen["schedule"])
+    for a, b in zip(*results):  # the schedule computes exactly what it does without autocast
+        assert torch.equal(a, b)
+
+
+# --- weighted objectives never train the schedule ---------------------------------------------
+
+@pytest.mark.parametrize("schedule_cls", [LearnedScalarSchedule, MonotoneNetSchedule])
+@pytest.mark.parametrize("T", [0, 10])
+def test_the_schedules_gradient_is_the_bounds_for_every_weighting(schedule_cls, T):
+    x = torch.randint(0, 17, (6, 1, 8, 8))
+    draws = torch.Generator().manual_seed(3)
+    t = torch.rand(6, generator=draws, dtype=torch.float64)
+    eps, eps_0 = (torch.randn(6, 1, 8, 8, generator=draws, dtype=torch.float64) for _ in range(2))
+    grads, objectives = {}, {}
+    for weighting in ("elbo", "sigmoid", "eps_mse"):
+        kwargs = dict(n_features=16) if schedule_cls is MonotoneNetSchedule else {}
+        torch.manual_seed(5)
+        model = tiny_digits_vdm(schedule_cls(-7.0, 5.0, **kwargs), weighting=weighting, sigmoid_bias=2.0)
+        with torch.no_grad():  # a non-trivial network, so its gradient reaches the schedule
+            for p in model.score_net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        out = model(x, T=T, t=t, eps=eps, eps_0=eps_0)
+        objective = model.objective(out)
+        objective.mean().backward()
+        objectives[weighting] = out, objective
+        grads[weighting] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for weighting in ("sigmoid", "eps_mse"):
+        for name, g in grads[weighting].items():
+            if name.startswith("schedule."):
+                assert_close(g, grads["elbo"][name], 1e-9, f"{weighting}: {name}")
+        # ... while the network does train on the weighted loss:
+        conv = "score_net.conv_out.weight"
+        assert (grads[weighting][conv] - grads["elbo"][conv]).abs().max() > 1e-3 * grads["elbo"][conv].abs().max()
+        # and the reported objective is the weighted loss.
+        out, objective = objectives[weighting]
+        assert not torch.allclose(objective, out.bpd)
+
+
+# --- variance minimisation of the schedule's interior -----------------------------------------
+
+def test_variance_gradients_are_those_of_the_mean_squared_diffusion_loss():
+    model = tiny_digits_vdm(MonotoneNetSchedule(-7.0, 5.0, n_features=16, pinned=True), schedule_objective="variance")
+    x = torch.randint(0, 17, (5, 1, 8, 8))
+    draws = torch.Generator().manual_seed(4)
+    t = torch.rand(5, generator=draws, dtype=torch.float64)
+    eps, eps_0 = (torch.randn(5, 1, 8, 8, generator=draws, dtype=torch.float64) for _ in range(2))
+
+    # The expected gradients by plain autograd, each from a forward of its own.
+    out = model(x, t=t, eps=eps, eps_0=eps_0)
+    network = model.schedule.network()
+    expected = torch.autograd.grad(((out.diffusion / (64 * math.log(2))) ** 2).mean(), network)
+    out = model(x, t=t, eps=eps, eps_0=eps_0)
+    endpoints = torch.autograd.grad(model.objective(out).mean(), (model.schedule.gamma_0, model.schedule.gamma_1))
+
+    # The trainer's way: the objective's backward, then the variance step sets the network's.
+    out = model(x, t=t, eps=eps, eps_0=eps_0)
+    model.objective(out).mean().backward()
+    params = model.variance_step_(out)
+    assert len(params) == len(network) and all(p is q for p, q in zip(params, network))
+    for name, p, g in zip(("w1", "b1", "w2", "b2", "w3"), params, expected):
+        assert_close(p.grad, g, 1e-9, name, atol=1e-15)
+    assert_close(model.schedule.gamma_0.grad, endpoints[0], 1e-12, "gamma_0 keeps the bound's gradient")
+    assert_close(model.schedule.gamma_1.grad, endpoints[1], 1e-12, "gamma_1 keeps the bound's gradient")
+
+
+def test_variance_objective_needs_the_pinned_network_in_continuous_time():
+    with pytest.raises(ValueError, match="pinned=True"):
+        tiny_digits_vdm(MonotoneNetSchedule(n_features=16), schedule_objective="variance")
+    with pytest.raises(ValueError, match="--schedule nnet"):
+        config.resolve({"schedule_objective": "variance"})
+    with pytest.raises(ValueError, match="continuous-time"):
+        config.resolve({"schedule": "nnet", "schedule_objective": "variance", "T": 1000})

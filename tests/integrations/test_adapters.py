@@ -1,6 +1,6 @@
-"""vdm_fast dropped into outside code: ``diffusers`` U-Nets and lucidrains'
-``denoising-diffusion-pytorch``, each adapter against the package's own computation, and the
-runnable ``examples/``. Skipped where the ``integrations`` extra is not installed."""
+"""vdm_fast dropped into outside code (``integrations/adapters.py``): ``diffusers`` U-Nets and
+lucidrains' ``denoising-diffusion-pytorch``, each adapter against the package's own computation,
+and the runnable ``examples/``. Skipped where the ``integrations`` extra is not installed."""
 
 import runpy
 from pathlib import Path
@@ -14,7 +14,7 @@ from vdm_fast.nn import VDM, LearnedScalarSchedule, gamma_and_derivative
 
 from helpers import assert_close, torchvision_or_stub
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 torchvision_or_stub()

@@ -1,15 +1,21 @@
-"""The loss family: the reference against analytic truths, and the ops against the reference."""
+"""The loss family (``diffuse``, ``diffusion_loss(_discrete)`` for every prediction, ``prior_loss``,
+``reconstruction_loss``, ``vlb_terms``, ``encode``): the reference against analytic truths, the ops
+and the kernels against the reference, bad input refused by name, hostile values, opcheck and
+torch.compile."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, max_rel_err, requires_cuda, needs_cpu_kernels
+from helpers import RTOL, assert_close, diffused_batch, max_rel_err, requires_cuda, needs_cpu_kernels
 
 from vdm_fast import ops
 from vdm_fast.ops import loss as ops_loss
-from vdm_fast.diffusion import pixels
 from vdm_fast.reference import loss as ref
+from vdm_fast.diffusion import parameterization as param
 from vdm_fast.diffusion import times as ref_times
 
 GAMMAS_0 = [-13.3, -5.0, 0.0, 5.0]
@@ -25,28 +31,6 @@ def test_prior_loss_equals_torch_distributions_kl():
     p = torch.distributions.Normal(torch.zeros_like(f), torch.ones_like(f))
     expected = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
     assert_close(ref.prior_loss(f, gamma_1), expected, 1e-12)
-
-
-def test_decoder_probabilities_sum_to_one_and_peak_at_the_data():
-    vocab = 256
-    x = torch.randint(0, vocab, (3, 50))
-    gamma_0 = torch.tensor([-13.3, -13.3, 2.0], dtype=torch.float64)
-    eps = torch.randn(3, 50, dtype=torch.float64)
-    z = pixels.encode(x, vocab, torch.float64) + torch.exp(0.5 * gamma_0)[:, None] * eps
-    probs = torch.softmax(pixels.decoder_logits(z, gamma_0, vocab), dim=-1)
-    assert_close(probs.sum(-1), torch.ones(3, 50, dtype=torch.float64), 1e-12)
-    # At gamma_0 = -13.3 the noise std is 0.0013, a sixth of a bin: the argmax is the data.
-    assert torch.equal(pixels.decode(z[:2], gamma_0[:2], vocab), x[:2])
-    # At high noise the decoder is spread over many values.
-    assert probs[2].max(-1).values.max() < 0.5
-
-
-def test_encode_decode_round_trip_without_noise():
-    for vocab in (2, 17, 256):
-        x = torch.arange(vocab).reshape(1, -1)
-        f = pixels.encode(x, vocab, torch.float64)
-        assert f.min() > -1 and f.max() < 1
-        assert torch.equal(pixels.decode(f, torch.tensor([-13.3], dtype=torch.float64), vocab), x)
 
 
 def _gaussian_vlb_terms(n, dims, s, gamma_min=-13.3, gamma_max=5.0, T=0):
@@ -104,10 +88,22 @@ def test_discrete_time_loss_approaches_continuous_time():
     assert abs(gaps[2]) < 0.02 * abs(gaps[0])
 
 
-def test_antithetic_discretised_times_stay_on_the_grid():
-    t, s = ref_times.discretize_time(torch.tensor([0.0, 1e-6, 0.5, 1.0]), 10)
-    assert torch.allclose(t, torch.tensor([0.1, 0.1, 0.5, 1.0]))
-    assert torch.allclose(s, t - 0.1) and (s >= 0).all()
+KINDS = param.PREDICTIONS
+
+
+def test_equivalent_predictions_give_the_same_bound():
+    x, eps, gamma, z = diffused_batch()
+    eps_hat = eps + 0.3 * torch.randn_like(eps)
+    dgamma = torch.rand(4, dtype=torch.float64) * 20
+    expected = ref.diffusion_loss(eps, eps_hat, dgamma)
+    for kind in KINDS:
+        pred = param.from_eps(eps_hat, z, gamma, kind)
+        assert_close(ref.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma), expected, 1e-10,
+                     kind)
+    # In x form the continuous bound is -0.5 SNR'(t) ||x - x_hat||^2, with SNR' = -gamma' SNR.
+    x_hat = param.from_eps(eps_hat, z, gamma, "x")
+    snr_prime = -dgamma * torch.exp(-gamma)
+    assert_close(-0.5 * snr_prime * ((x - x_hat) ** 2).sum((1, 2, 3)), expected, 1e-10)
 
 
 # --- ops against the reference ----------------------------------------------------------------
@@ -314,6 +310,129 @@ def test_vlb_terms_under_torch_compile_fullgraph_matches_eager():
         assert_close(u.grad, v.grad, 1e-6)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [0, 10])
+def test_fused_losses_take_every_prediction_without_conversion(kind, T, poisoned):
+    poisoned(ops_loss)
+    x, eps, gamma, z = diffused_batch()
+    eps_hat = eps + 0.3 * torch.randn_like(eps)
+    pred = param.from_eps(eps_hat, z, gamma, kind).detach()
+    dgamma, gamma_s = torch.rand(4, dtype=torch.float64) * 20, gamma - 0.5
+    go = torch.randn(4, dtype=torch.float64)
+
+    def fused(pred, gamma):
+        if T:
+            return ops.diffusion_loss_discrete(eps, pred, gamma, gamma_s, T, prediction=kind, x=x)
+        return ops.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma)
+
+    def reference(pred, gamma):
+        if T:
+            return ref.diffusion_loss_discrete(eps, pred, gamma, gamma_s, T, prediction=kind, x=x)
+        return ref.diffusion_loss(eps, pred, dgamma, prediction=kind, x=x, gamma_t=gamma)
+
+    results = []
+    for fn in (fused, reference):
+        leaves = [pred.clone().requires_grad_(), gamma.clone().requires_grad_()]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, go, allow_unused=True, materialize_grads=True)))
+    for a, b, name in zip(*results, ("loss", "grad pred", "grad gamma_t")):
+        assert_close(a, b, RTOL[torch.float64] * 100, name)
+    assert_close(results[0][0], ref.diffusion_loss_discrete(eps, eps_hat, gamma, gamma_s, T) if T else
+                 ref.diffusion_loss(eps, eps_hat, dgamma), 1e-10, "same bound as eps")
+
+
+@needs_cpu_kernels
+def test_fused_v_loss_gradcheck():
+    x, eps, gamma, z = diffused_batch(B=2, shape=(3,))
+    pred = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    g = gamma.clone().requires_grad_()
+    dgamma = torch.rand(2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda p, g: ops.diffusion_loss(eps, p, dgamma, prediction="v", x=x, gamma_t=g), (pred, g))
+
+
+# --- bad input: refused before any kernel runs, with a message naming the argument ------------
+
+B = 3
+
+
+def good():
+    return dict(x=torch.randint(0, 256, (B, 4)), eps_0=torch.randn(B, 4), gamma_0=torch.randn(B))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.randint(0, 256, (B, 5))), ValueError, "x must have the shape of eps_0"),
+    (dict(x=torch.full((B, 4), 256)), ValueError, r"x must lie in \[0, vocab_size\)"),
+    (dict(x=-torch.ones(B, 4, dtype=torch.int64)), ValueError, r"x must lie in \[0, vocab_size\)"),
+    (dict(x=torch.full((B, 4), 2.5)), ValueError, "x must be integer-valued"),
+    (dict(x=torch.ones(B, 4, dtype=torch.bool)), TypeError, "x must hold integer values"),
+    (dict(x=[[1, 2]]), TypeError, "x must be a torch.Tensor"),
+    (dict(eps_0=torch.randint(0, 3, (B, 4))), TypeError, "eps_0 must be a floating-point tensor"),
+    (dict(gamma_0=torch.randn(B, 4)), ValueError, r"gamma_0 must hold one value per example, shape \(3,\)"),
+    (dict(gamma_0=torch.randn(2)), ValueError, "gamma_0 must hold one value per example"),
+    (dict(x=torch.zeros(0, 4, dtype=torch.int64), eps_0=torch.randn(0, 4), gamma_0=torch.randn(0)),
+     ValueError, "empty batch"),
+    (dict(eps_0=torch.randn(())), ValueError, "eps_0 must have a batch dimension"),
+])
+def test_reconstruction_loss_rejects(change, error, match):
+    with pytest.raises(error, match=match):
+        ops.reconstruction_loss(**{**good(), **change})
+
+
+def test_reconstruction_loss_rejects_bad_vocab_size():
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[2, 65536\]"):
+        ops.reconstruction_loss(**good(), vocab_size=1)
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        ops.reconstruction_loss(**good(), vocab_size=256.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_wide_images_are_refused_by_name(dtype):
+    x = torch.randint(0, 256, (2, 6)).to(dtype)
+    with pytest.raises(TypeError, match="x must hold integer values.*convert with x.long"):
+        ops.reconstruction_loss(x, torch.randn(2, 6), torch.full((2,), -5.0))
+
+
+def test_a_huge_vocabulary_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[2, 65536\]"):
+        ops.reconstruction_loss(torch.zeros(2, 6, dtype=torch.long), torch.randn(2, 6), torch.zeros(2),
+                                vocab_size=2**31)
+
+
+def test_float_images_get_a_conversion_hint():
+    img = torch.rand(2, 6)
+    with pytest.raises(ValueError, match=r"\(img \* 255\).round\(\)"):
+        ops.reconstruction_loss(img, torch.randn(2, 6), torch.zeros(2))
+
+
+def test_diffusion_losses_reject():
+    eps = torch.randn(B, 4)
+    with pytest.raises(ValueError, match="eps_hat must have the shape of eps"):
+        ops.diffusion_loss(eps, torch.randn(B, 5), torch.rand(B))
+    with pytest.raises(ValueError, match="dgamma_dt must hold one value per example"):
+        ops.diffusion_loss(eps, eps, torch.rand(B + 1))
+    for T in (float("inf"), float("nan")):
+        with pytest.raises(TypeError, match="T must be an int"):
+            ops.diffusion_loss_discrete(eps, eps, torch.rand(B), torch.rand(B), T)
+    with pytest.raises(ValueError, match="T must be > 0"):
+        ops.diffusion_loss_discrete(eps, eps, torch.rand(B), torch.rand(B), 0)
+    with pytest.raises(ValueError, match="gamma must hold one value per example"):
+        ops.diffuse(eps, eps, torch.rand(B, 4))
+    with pytest.raises(ValueError, match="gamma_1 must hold one value per example"):
+        ops.prior_loss(eps, torch.rand(2))
+
+
+def test_bad_prediction_arguments():
+    x, eps, gamma, _ = diffused_batch()
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        ops.diffusion_loss(eps, eps, gamma, prediction="noise")
+    with pytest.raises(ValueError, match="gamma_t is required"):
+        ops.diffusion_loss(eps, eps, gamma, prediction="v", x=x)
+    with pytest.raises(ValueError, match="x .* is required"):
+        ops.diffusion_loss(eps, eps, gamma, prediction="x", gamma_t=gamma)
+
+
 def test_vlb_terms_discrete_needs_gamma_s():
     x, e = torch.randint(0, 256, (2, 4)), torch.randn(2, 4)
     g = torch.zeros(2)
@@ -321,6 +440,120 @@ def test_vlb_terms_discrete_needs_gamma_s():
         ops.vlb_terms(x, e, e, e, g, g, g, T=10)
     with pytest.raises(ValueError, match="dgamma_dt is required"):
         ops.vlb_terms(x, e, e, e, g, g, g)
+
+
+@pytest.mark.parametrize("op", ["gamma_nnet", "reconstruction_loss"])
+def test_second_derivatives_are_refused_by_name(op):
+    """The ops have first derivatives only: create_graph=True through them must fail clearly,
+    not warn and hand back zero second derivatives."""
+    if op == "gamma_nnet":
+        params = [torch.randn(1, 1), torch.randn(1), torch.randn(8, 1), torch.randn(8), torch.randn(1, 8)]
+        params = [p.requires_grad_() for p in params]
+        out = ops.gamma_nnet(torch.rand(B), *params)[0].sum()
+    else:
+        params = [good()["eps_0"].requires_grad_()]
+        out = ops.reconstruction_loss(good()["x"], params[0], good()["gamma_0"]).sum()
+    with pytest.raises(RuntimeError, match=f"vdm_fast::{op}_backward is not differentiable"):
+        torch.autograd.grad(out, params, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(out, params))  # first derivatives still work
+
+
+# --- hostile values: an error, or NaN, never a plausible wrong number, never a dead process ---
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("bad", [300, -1, 2.5, float("nan")])
+def test_invalid_images_give_nan_where_checks_cannot_run(use_backend, backend, bad):
+    """Inside torch.compile the value checks are skipped (they would need a host sync): the
+    kernels and the reference then make the example's loss and gradient NaN."""
+    use_backend(backend)
+    x = torch.randint(0, 256, (3, 10)).double()
+    x[1, 4] = bad
+    eps = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    gamma = torch.full((3,), -6.0, dtype=torch.float64)
+    with pytest.raises(ValueError):  # eager: refused
+        ops.reconstruction_loss(x, eps, gamma)
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.reconstruction_loss, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, eps, gamma)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    loss.sum().backward()
+    assert torch.isnan(eps.grad[1]).any() and torch.isfinite(eps.grad[[0, 2]]).all()
+    torch._dynamo.reset()
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=600, cwd="/")
+
+
+@needs_cpu_kernels
+def test_a_nan_gamma_makes_its_example_nan_and_leaves_the_process_alive():
+    """A NaN gamma_0 ended the interpreter (std::length_error thrown inside an OpenMP region,
+    exit 134): now that example's loss and gradients are NaN and the others are unchanged."""
+    proc = _run("""
+        import torch
+        from vdm_fast import ops
+        torch.manual_seed(0)
+        x = torch.randint(0, 256, (3, 40)); eps = torch.randn(3, 40, requires_grad=True)
+        g = torch.tensor([float("nan"), -5.0, float("inf")], requires_grad=True)
+        loss = ops.reconstruction_loss(x, eps, g)
+        loss.sum().backward()
+        clean = ops.reconstruction_loss(x, eps.detach(), torch.full((3,), -5.0))
+        print(torch.isnan(loss[0]).item(), torch.equal(loss[1], clean[1]), torch.isnan(g.grad[0]).item(),
+              torch.isfinite(eps.grad[1]).all().item())
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "True", "True"], proc.stdout
+
+
+@needs_cpu_kernels
+def test_random_extremes_never_end_the_process():
+    """NaN, inf, 1e30 and subnormals in the data, gammas and weights of every loss op."""
+    proc = _run("""
+        import torch
+        from vdm_fast import ops
+        gen = torch.Generator().manual_seed(0)
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e-40, 0.0, -0.0])
+        def hostile(*shape):
+            t = torch.randn(*shape, generator=gen)
+            idx = torch.randint(0, t.numel(), (max(1, t.numel() // 4),), generator=gen)
+            t.view(-1)[idx] = special[torch.randint(0, len(special), idx.shape, generator=gen)]
+            return t
+        for trial in range(40):
+            B = 1 + trial % 4
+            x = torch.randint(0, 256, (B, 3, 4, 4), generator=gen)
+            eps, pred, eps_0 = (hostile(B, 3, 4, 4).requires_grad_() for _ in range(3))
+            g = [hostile(B).requires_grad_() for _ in range(4)]
+            T = trial % 2 * 10
+            terms = ops.vlb_terms(x, eps, pred, eps_0, g[0], g[1], g[2], dgamma_dt=g[3], gamma_s=g[3], T=T)
+            terms.bpd.sum().backward()
+            ops.reconstruction_loss(x, eps_0, g[1]).sum().backward()
+            ops.diffuse(ops.encode(x), eps, g[0]).sum().backward()
+        print("survived")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "survived", (proc.returncode, proc.stderr[-3000:])
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("gamma_0", [-100.0, -88.0, -60.0, 20.0])
+def test_extreme_gamma_0_in_float32_gives_the_float64_answer(gamma_0):
+    """exp(-gamma_0) overflows float32 below about -88 (sigma_0 = e^-50 at -100: the decoder is
+    exact, the loss 0): the kernels keep the per-example constants in double."""
+    x = torch.randint(0, 256, (3, 2, 5, 5))
+    eps = torch.randn(3, 2, 5, 5)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        e = eps.to(dtype).clone().requires_grad_()
+        g = torch.full((3,), gamma_0, dtype=dtype, requires_grad=True)
+        loss = ops.reconstruction_loss(x, e, g)
+        loss.sum().backward()
+        results[dtype] = [t.detach().double() for t in (loss, e.grad, g.grad)]
+    truth = [t.detach() for t in results[torch.float64]]
+    reference = ref.reconstruction_loss(x, eps.double(), torch.full((3,), gamma_0, dtype=torch.float64))
+    assert torch.allclose(truth[0], reference, rtol=1e-9, atol=1e-12)
+    for got, want in zip(results[torch.float32], truth):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-30
 
 
 # --- Triton kernels (interpreted on the CPU where no GPU exists) ------------------------------
@@ -382,6 +615,31 @@ def test_triton_reconstruction_loss_matches_reference(gamma, poisoned):
     for a, p, t, name in zip(fused, plain, truth, ("loss", "grad eps_0", "grad gamma_0")):
         err, ref_err = max_rel_err(a, t), max_rel_err(p, t)
         assert err <= max(2 * ref_err, RTOL[torch.float32]), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+def test_the_triton_reconstruction_kernels_take_the_same_extremes():
+    """The Triton kernels (interpreted here) keep the per-example constants in float64 too, and a
+    NaN gamma makes only its own example NaN."""
+    kernels = pytest.importorskip("vdm_fast.kernels.loss", reason="triton is not installed")
+    x = torch.randint(0, 256, (4, 150), dtype=torch.uint8)
+    eps = torch.randn(4, 150, dtype=torch.float64)
+    gamma = torch.tensor([-100.0, -88.0, 20.0, -5.0], dtype=torch.float64)
+    go = torch.randn(4, dtype=torch.float64)
+    truth = (kernels.recon_forward(x, eps, gamma, 256), *kernels.recon_backward(go, x, eps, gamma, 256))
+    expected = ref.reconstruction_loss(x, eps, gamma)
+    assert torch.allclose(truth[0], expected, rtol=1e-9, atol=1e-9)
+    e32, g32, go32 = eps.float(), gamma.float(), go.float()
+    got = (kernels.recon_forward(x, e32, g32, 256), *kernels.recon_backward(go32, x, e32, g32, 256))
+    for a, b in zip(got, truth):
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max() + 1e-30
+    g_nan = g32.clone()
+    g_nan[1] = float("nan")
+    loss = kernels.recon_forward(x, e32, g_nan, 256)
+    grad_eps, grad_gamma = kernels.recon_backward(go32, x, e32, g_nan, 256)
+    assert torch.isnan(loss[1]) and torch.isnan(grad_gamma[1]) and torch.isnan(grad_eps[1]).any()
+    keep = [0, 2, 3]
+    assert torch.equal(loss[keep], got[0][keep]) and torch.equal(grad_gamma[keep], got[2][keep])
 
 
 # --- CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them) ----------------------------

@@ -1,4 +1,6 @@
-"""The schedule family: gamma(t), gamma'(t) and antithetic times."""
+"""The schedule family (``gamma_nnet``, ``gamma_nnet_pinned``, ``variance_gradients``): the
+reference against analytic truths, the ops and the kernels against the autograd reference, bad
+input refused by name, opcheck, torch.compile and the dispatcher's call paths."""
 
 import pytest
 import torch
@@ -9,7 +11,6 @@ from vdm_fast import ops
 from vdm_fast import nn as vnn
 from vdm_fast.ops import schedule as ops_schedule
 from vdm_fast.reference import schedule as ref
-from vdm_fast.diffusion import times as ref_times
 
 
 def _random_nnet_params(n=64, dtype=torch.float64):
@@ -41,45 +42,7 @@ def test_nnet_schedule_formula_at_the_endpoints():
         assert_close(ref.nnet_gamma(torch.tensor([t], dtype=torch.float64), w1, b1, w2, b2, w3), expected, 1e-14)
 
 
-def test_schedule_modules_start_at_the_configured_endpoints():
-    t = torch.tensor([0.0, 0.25, 1.0])
-    fixed = vnn.FixedLinearSchedule(-13.3, 5.0)
-    for cls in (vnn.FixedLinearSchedule, vnn.LearnedScalarSchedule):
-        gamma, dgamma = cls(-13.3, 5.0)(t)
-        assert_close(gamma, torch.tensor([-13.3, -13.3 + 0.25 * 18.3, 5.0]), 1e-6)
-        assert_close(dgamma, torch.full((3,), 18.3), 1e-6)
-    # The network adds a small (init std 0.01) nonlinear part to the same linear schedule.
-    gamma, dgamma = vnn.MonotoneNetSchedule(-13.3, 5.0)(t)
-    assert_close(gamma, fixed(t)[0], 0.01)
-    assert vnn.MonotoneNetSchedule().w2.shape == (1024, 1)
-
-
-def test_learned_schedules_train_through_gamma_and_its_derivative():
-    for schedule in (vnn.LearnedScalarSchedule(), vnn.MonotoneNetSchedule(n_features=16)):
-        gamma, dgamma = schedule(torch.rand(8))
-        (gamma.sum() + dgamma.sum()).backward()
-        grads = [p.grad for p in schedule.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
-
-
-def test_antithetic_times_cover_the_unit_interval_evenly():
-    g = torch.Generator().manual_seed(3)
-    t = ref_times.antithetic_times(8, generator=g)
-    assert ((t >= 0) & (t < 1)).all()
-    gaps = torch.diff(torch.sort(t).values)
-    assert_close(gaps, torch.full((7,), 1 / 8), 1e-5)
-
-
-def test_schedule_rejects_bad_endpoints():
-    with pytest.raises(ValueError, match="gamma_min"):
-        vnn.FixedLinearSchedule(5.0, -13.3)
-
-
 # --- the fused op against the autograd reference ------------------------------------------------
-
-
-
 
 def _times(B, dtype):
     t = torch.rand(B, dtype=dtype)
@@ -206,6 +169,8 @@ def test_variance_gradients_equal_autograd_of_the_summed_squared_loss():
     assert all(p.grad is None for p in schedule.parameters())  # returned, not set
 
 
+# --- bad input: refused by name ---------------------------------------------------------------
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(t=torch.tensor([0.5, 1.5])), ValueError, r"t must lie in \[0, 1\]"),
     (dict(t=torch.tensor([-0.25, 0.5, 0.75])), ValueError, r"t must lie in \[0, 1\], got values in \[-0.25, 0.75\]"),
@@ -225,6 +190,35 @@ def test_fused_schedule_rejects(change, error, match, backend, use_backend):
     with pytest.raises(error, match=match):
         ops.gamma_nnet(**{**good, **change})
 
+
+def test_variance_gradients_check_every_shape():
+    B, n = 6, 8
+    t = torch.rand(B, dtype=torch.float64)
+    net = [torch.randn(1, 1, dtype=torch.float64), torch.randn(1, dtype=torch.float64),
+           torch.randn(n, 1, dtype=torch.float64), torch.randn(n, dtype=torch.float64),
+           torch.randn(1, n, dtype=torch.float64)]
+    g, dg, loss = (torch.randn(B, dtype=torch.float64) for _ in range(3))
+    ops.variance_gradients(t, net, g, dg, loss)  # well-formed: accepted
+    for bad in (dict(loss=loss[:, None]), dict(grad_gamma=g[:1]), dict(grad_dgamma=dg[:, None]),
+                dict(loss=loss.float().to("meta"))):
+        args = {**dict(grad_gamma=g, grad_dgamma=dg, loss=loss), **bad}
+        name = next(iter(bad))
+        with pytest.raises((ValueError, TypeError), match=name):
+            ops.variance_gradients(t, net, **args)
+
+
+def test_a_constant_pinned_network_is_refused_by_name():
+    """w1 = 0 and w3 = 0 make g(1) = g(0): the pinned schedule's 0 / 0 was a silent NaN."""
+    t = torch.rand(5)
+    params = [torch.zeros(1, 1), torch.randn(1), torch.randn(4, 1), torch.randn(4), torch.zeros(1, 4)]
+    with pytest.raises(ValueError, match=r"g\(1\) - g\(0\) is resolved in torch.float32.*constant network"):
+        ops.gamma_nnet_pinned(t, *params, torch.tensor([-7.0]), torch.tensor([5.0]))
+    params[0] = torch.ones(1, 1)
+    gamma, _ = ops.gamma_nnet_pinned(t, *params, torch.tensor([-7.0]), torch.tensor([5.0]))
+    assert torch.isfinite(gamma).all()
+
+
+# --- Triton kernels (interpreted on the CPU where no GPU exists) and CUDA ---------------------
 
 triton_schedule = pytest.importorskip("vdm_fast.kernels.schedule", reason="triton is not installed")
 
@@ -265,6 +259,8 @@ def test_cuda_schedule_matches_autograd_reference(B, poisoned):
                                         [u.cuda() for u in upstream])
         assert all(torch.equal(a, b) for a, b in zip(fused, again)), "not deterministic"
 
+
+# --- the call paths through the dispatcher ----------------------------------------------------
 
 class _RecordOps(TorchDispatchMode):
     """Records the name of every op that reaches the dispatcher."""

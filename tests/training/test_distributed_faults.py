@@ -22,7 +22,7 @@ import pytest
 
 from vdm_fast.io import checkpoint as ckpt
 
-from test_train import TINY
+from helpers import TINY
 
 LAUNCHER = r'''
 import os, shutil, signal, sys, time

@@ -15,7 +15,7 @@ from vdm_fast import extras, config
 from vdm_fast.training import curves, train
 from vdm_fast.factory import build_model
 
-from test_train import TINY, run_cli
+from helpers import TINY, run_cli
 
 # TINY logs every 2 steps; these tests log every step.
 FAST = [*TINY, "--log-every", "1"]

@@ -1,7 +1,7 @@
 """python -m vdm_fast.training.evaluate: standard errors and draws, the bound summed over every step, draws
 seeded by each image's index (so batches and processes do not change them), 2 gloo processes
-under torchrun equal to one, the ODE likelihood from the command line; and bits-back compression
-of a class-conditional checkpoint (coded with the null class)."""
+under torchrun equal to one, the ODE likelihood from the command line, and a class-conditional
+checkpoint evaluated with its labels."""
 
 import json
 import math
@@ -9,27 +9,16 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ONE_THREAD, run_cli
 
-from vdm_fast.training import data, evaluate
+from vdm_fast.training import evaluate
 from vdm_fast.io import load_model
 from vdm_fast.diffusion import draws, pixels
 from vdm_fast.reference import loss as ref
-
-TINY = ["--n-embd", "32", "--n-layer", "1", "--batch-size", "16", "--log-every", "2", "--sample-n", "0",
-        "--eval-batches", "1", "--warmup", "5"]
-# One thread a process: the tests share 2 cores, where OpenMP's spinning threads slow every
-# process down many times over.
-ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def run_cli(module, args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **ENV}, cwd="/")
 
 
 def torchrun(nproc, module, args, timeout=300):
@@ -38,34 +27,14 @@ def torchrun(nproc, module, args, timeout=300):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(port),
            "-m", module, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}, cwd="/")
-
-
-def _train(folder: Path, steps: int, *extra):
-    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(folder), "--steps", str(steps), *TINY, *extra])
-    assert proc.returncode == 0, proc.stderr
-    return folder / "checkpoint.pt"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("tiny"), 4)
-
-
-@pytest.fixture(scope="module")
-def conditional_ckpt(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("conditional"), 4, "--conditional")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ONE_THREAD},
+                          cwd="/")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
     model, _, _ = load_model(tiny_ckpt)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_digits().test.images
 
 
 def _json(tmp_path, name, proc):
@@ -116,7 +85,7 @@ def test_the_trainers_test_bpd_is_the_evaluate_commands_default(tiny_ckpt, tmp_p
     the same figure and standard error (one way to compute a test bpd)."""
     result = json.loads((tiny_ckpt.parent / "result.json").read_text())
     proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--json",
-                                         str(tmp_path / "r.json")])
+                                         str(tmp_path / "r.json")], env=ONE_THREAD)
     r = _json(tmp_path, "r.json", proc)
     assert r["draws"] == evaluate.BOUND_DRAWS and r["images"] == 16
     assert result["test_bpd"] == pytest.approx(r["bpd"], rel=1e-9)
@@ -157,14 +126,15 @@ def test_every_step_sums_the_t_step_bound_over_all_steps(tiny_model, digits):
 
 def test_the_bound_from_the_command_line_carries_its_standard_error(tiny_ckpt, tmp_path):
     proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "2", "--draws", "3",
-                                         "--json", str(tmp_path / "r.json")])
+                                         "--json", str(tmp_path / "r.json")], env=ONE_THREAD)
     r = _json(tmp_path, "r.json", proc)
     assert (r["images"], r["draws"], r["likelihood"]) == (32, 3, "bound") and len(r["per_image"]) == 32
     assert 0 < r["mc_se"] and 0 < r["se"] and np.isfinite(r["bpd"])
     assert f"{r['bpd']:.4f} +- {r['se']:.4f}" in proc.stdout and "32 images" in proc.stdout
     assert "3 draws" in proc.stdout and "Monte-Carlo share" in proc.stdout
     assert "histogram baseline" in proc.stdout
-    every = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--T", "4", "--every-step"])
+    every = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(tiny_ckpt), "--batches", "1", "--T", "4", "--every-step"],
+                    env=ONE_THREAD)
     assert every.returncode == 0 and "summed over every step" in every.stdout and "+-" in every.stdout, every.stderr
 
 
@@ -186,12 +156,12 @@ def test_the_ode_likelihood_from_the_command_line(tiny_ckpt, tmp_path):
     pytest.importorskip("torchdiffeq")
     common = ["--ckpt", str(tiny_ckpt), "--likelihood", "ode", "--batches", "1", "--batch-size", "3",
               "--rtol", "1e-3", "--atol", "1e-3"]
-    proc = run_cli("vdm_fast.training.evaluate", [*common, "--json", str(tmp_path / "ode.json")])
+    proc = run_cli("vdm_fast.training.evaluate", [*common, "--json", str(tmp_path / "ode.json")], env=ONE_THREAD)
     r = _json(tmp_path, "ode.json", proc)
     assert r["trace"] == "exact" and r["images"] == 3 and r["nfe"]["solves"] == 1 and r["nfe"]["min"] > 5
     assert "probability-flow ODE" in proc.stdout and "NFE" in proc.stdout and "+-" in proc.stdout
     hutch = run_cli("vdm_fast.training.evaluate", [*common, "--trace", "hutchinson", "--probes", "2",
-                                          "--json", str(tmp_path / "h.json")])
+                                          "--json", str(tmp_path / "h.json")], env=ONE_THREAD)
     h = _json(tmp_path, "h.json", hutch)
     # the estimator is unbiased: close to the exact trace's figure on the same z_0 draws
     assert abs(h["bpd"] - r["bpd"]) < 0.2 and h["trace"] == "hutchinson" and h["probes"] == 2
@@ -210,7 +180,8 @@ def test_two_gloo_processes_equal_one(tiny_ckpt, tmp_path, likelihood):
             "--likelihood", likelihood, "--draws", "2"]
     if likelihood == "ode":
         args += ["--rtol", "1e-3", "--atol", "1e-3", "--trace", "hutchinson", "--probes", "2"]
-    one = _json(tmp_path, "one.json", run_cli("vdm_fast.training.evaluate", [*args, "--json", str(tmp_path / "one.json")]))
+    one = _json(tmp_path, "one.json", run_cli("vdm_fast.training.evaluate", [*args, "--json", str(tmp_path / "one.json")],
+                                                  env=ONE_THREAD))
     two_proc = torchrun(2, "vdm_fast.training.evaluate", [*args, "--json", str(tmp_path / "two.json")])
     two = _json(tmp_path, "two.json", two_proc)
     assert "2 processes" in two_proc.stdout and two["processes"] == 2 and one["processes"] == 1
@@ -222,30 +193,10 @@ def test_two_gloo_processes_equal_one(tiny_ckpt, tmp_path, likelihood):
         assert two["nfe"]["total"] == one["nfe"]["total"]
 
 
-# --- compression of a class-conditional checkpoint -------------------------------------------
-
-def test_a_conditional_checkpoint_compresses_with_the_null_class(conditional_ckpt, tmp_path, digits):
-    pytest.importorskip("constriction")
-    images = digits[:12].permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    np.save(tmp_path / "in.npy", images)
-    enc = run_cli("vdm_fast.codec.compress", ["encode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "in.npy"),
-                                        "--output", str(tmp_path / "out.vdmz"), "--T", "3", "--max-chunk", "4"])
-    assert enc.returncode == 0 and "bits per dim" in enc.stdout, enc.stderr
-    dec = run_cli("vdm_fast.codec.compress", ["decode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "out.vdmz"),
-                                        "--output", str(tmp_path / "back.npy")])
-    assert dec.returncode == 0, dec.stderr
-    assert np.array_equal(np.load(tmp_path / "back.npy"), images)
-    # the library call codes with the null class too: the same stream
-    from vdm_fast.codec import compress
-
-    model, _, _ = load_model(conditional_ckpt)
-    assert model.num_classes == 10
-    stream = compress.encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), T=3, max_chunk=4)
-    assert stream == (tmp_path / "out.vdmz").read_bytes()
-
+# --- a class-conditional checkpoint -----------------------------------------------------------
 
 def test_a_conditional_checkpoint_evaluates_with_its_labels(conditional_ckpt, tmp_path):
     proc = run_cli("vdm_fast.training.evaluate", ["--ckpt", str(conditional_ckpt), "--batches", "1", "--json",
-                                         str(tmp_path / "c.json")])
+                                         str(tmp_path / "c.json")], env=ONE_THREAD)
     r = _json(tmp_path, "c.json", proc)
     assert r["images"] == 16 and np.isfinite(r["bpd"])

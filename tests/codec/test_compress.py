@@ -1,7 +1,9 @@
 """Bits-back compression: bit-exact round trips (one image, chunks left unfilled, a hundred), a
 file rate that is the model's bound plus the direct-coded start, decoding on another CPU
-capability, the rounding hints that make that work, and bad streams refused."""
+capability, the rounding hints that make that work, a class-conditional checkpoint coded with the
+null class, and bad or tampered streams refused."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -10,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ONE_THREAD, run_cli
 
 from vdm_fast.codec import bitsback, compress
-from vdm_fast.training import data
+from vdm_fast.io import load_model
 from vdm_fast import nn as vnn
 
 pytest.importorskip("constriction")
@@ -24,11 +27,6 @@ def tiny_model(seed=0):
     for p in net.parameters():  # off the zero init, so the model is not trivially eps_hat = z
         p.data.add_(0.005 * torch.randn_like(p))
     return vnn.VDM(net, vnn.LearnedScalarSchedule(-7.0, 5.0), (1, 8, 8), vocab_size=17).eval()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_digits().test.images
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +98,8 @@ def _decode_in_subprocess(tmp_path, model, stream, env):
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "s.vdmz").write_bytes(stream)
     script = (
-        "import sys, torch, numpy as np\n"
-        "sys.path.insert(0, sys.argv[1])\n"
+        "import os, sys, torch, numpy as np\n"
+        "sys.path[:0] = sys.argv[1].split(os.pathsep)\n"
         "from test_compress import tiny_model\n"
         "from vdm_fast.codec import compress\n"
         "model = tiny_model()\n"
@@ -113,9 +111,12 @@ def _decode_in_subprocess(tmp_path, model, stream, env):
         "stream = open(sys.argv[2] + '/s.vdmz', 'rb').read()\n"
         "np.save(sys.argv[2] + '/out.npy', compress.decode(model, stream).numpy())\n"
     )
+    # sys.argv[1]: this folder (for test_compress) and tests/ (for the helpers it imports).
+    here = os.path.dirname(__file__)
     # cwd: python -c puts the working directory on sys.path, and the repository root's source
     # folder would shadow the installed package (and refuse to import).
-    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", script, os.pathsep.join([here, os.path.dirname(here)]),
+                           str(tmp_path)],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(tmp_path / "eps.npy"), np.load(tmp_path / "out.npy")
@@ -177,6 +178,30 @@ def test_portable_exp_is_exp():
     assert np.allclose(bitsback.portable_exp(x), np.exp(x), rtol=1e-15, atol=0)
 
 
+def test_a_conditional_checkpoint_compresses_with_the_null_class(conditional_ckpt, tmp_path, digits):
+    pytest.importorskip("constriction")
+    images = digits[:12].permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    np.save(tmp_path / "in.npy", images)
+    enc = run_cli("vdm_fast.codec.compress", ["encode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "in.npy"),
+                                        "--output", str(tmp_path / "out.vdmz"), "--T", "3", "--max-chunk", "4"],
+                  env=ONE_THREAD)
+    assert enc.returncode == 0 and "bits per dim" in enc.stdout, enc.stderr
+    dec = run_cli("vdm_fast.codec.compress", ["decode", "--ckpt", str(conditional_ckpt), "--input", str(tmp_path / "out.vdmz"),
+                                        "--output", str(tmp_path / "back.npy")],
+                  env=ONE_THREAD)
+    assert dec.returncode == 0, dec.stderr
+    assert np.array_equal(np.load(tmp_path / "back.npy"), images)
+    # the library call codes with the null class too: the same stream
+    from vdm_fast.codec import compress
+
+    model, _, _ = load_model(conditional_ckpt)
+    assert model.num_classes == 10
+    stream = compress.encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), T=3, max_chunk=4)
+    assert stream == (tmp_path / "out.vdmz").read_bytes()
+
+
+# --- bad, tampered and foreign streams and files ----------------------------------------------
+
 def test_damaged_truncated_foreign_old_and_bad_arguments_are_refused(digits):
     model = tiny_model()
     stream = compress.encode(model, digits[:3], T=2)
@@ -203,6 +228,61 @@ def test_damaged_truncated_foreign_old_and_bad_arguments_are_refused(digits):
     compress._check_chunk(341, 3 * 32 * 32, 256, "CIFAR")  # the pixel distributions' bound: 2^28 values
     with pytest.raises(compress.CodecError, match="CIFAR: max_chunk x dims"):
         compress._check_chunk(342, 3 * 32 * 32, 256, "CIFAR")
+
+
+@pytest.fixture(scope="module")
+def tiny_stream(tiny_ckpt):
+    model, _, _ = load_model(tiny_ckpt)
+    images = torch.randint(0, 17, (12, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    chunks = []
+    stream = compress.encode(model, images, T=2, chunks=chunks)
+    assert 0 in chunks and max(chunks) > 0  # both direct and bits-back chunks are in the stream
+    return model, images, stream
+
+
+def _with_header(stream: bytes, **changes) -> bytes:
+    """The stream re-packed with header fields changed, under a valid checksum."""
+    header, payload = compress._unpack(stream)
+    return compress._pack(dataclasses.replace(header, **changes), payload)
+
+
+@pytest.mark.parametrize("changes", [dict(T=10**12), dict(T=0), dict(shape=(2**31, 1, 8, 8)),
+                                     dict(shape=(10**6, 1, 8, 8)), dict(max_chunk=10**6), dict(grid_bits=40),
+                                     dict(shape=(2, 3, 8, 8)), dict(vocab_size=1), dict(fingerprint=b"\0" * 4),
+                                     dict(digest=b"\0" * 4), dict(max_chunk=1)])
+def test_tampered_stream_headers_raise_codec_error(tiny_stream, changes):
+    model, _, stream = tiny_stream
+    with pytest.raises(compress.CodecError):
+        compress.decode(model, _with_header(stream, **changes))
+
+
+def test_tampered_payloads_never_decode_to_wrong_images(tiny_stream):
+    model, images, stream = tiny_stream
+    header, payload = compress._unpack(stream)
+    body = stream[:-compress._CHECKSUM_BYTES]
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        damaged = bytearray(body)
+        i = int(rng.integers(len(body) - 4 * payload.size, len(body)))
+        damaged[i] ^= 1 << int(rng.integers(0, 8))
+        try:
+            decoded = compress.decode(model, bytes(damaged) + compress._checksum(bytes(damaged)))
+        except compress.CodecError:
+            continue
+        assert torch.equal(decoded, images)
+    with pytest.raises(compress.CodecError, match="runs past its end|longer than 63 bits"):
+        truncated = stream[:7] + b"\xff" * 9
+        compress.decode(model, truncated + compress._checksum(truncated))
+
+
+def test_encode_refuses_an_npz_or_non_image_file_in_one_line(tmp_path, tiny_ckpt):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    (tmp_path / "text.npy").write_text("not numpy")
+    for name in ("a.npz", "text.npy"):
+        proc = run_cli("vdm_fast.codec.compress", ["encode", "--ckpt", str(tiny_ckpt), "--input", str(tmp_path / name),
+                                             "--output", str(tmp_path / "out.vdmz")])
+        assert proc.returncode != 0 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
+            proc.stderr
 
 
 def test_cli_round_trip(tmp_path, digits):
