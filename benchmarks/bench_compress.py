@@ -62,7 +62,7 @@ def baselines(images, vocab):
 
 def direct_bits(model, images, args):
     """What the direct block's model says its images cost (the coder adds at most a few words:
-    tests/test_compress.py)."""
+    tests/codec/test_compress.py)."""
     chain = bitsback.Chain(compress.coding_model(model), args.T, args.grid_bits)
     return bitsback.direct_bits(chain, images.reshape(len(images), -1).numpy())
 

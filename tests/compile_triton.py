@@ -210,7 +210,7 @@ def check_vector_loads(asm: dict, dtype: torch.dtype, contiguous: int) -> str:
 def head_dims():
     """Head dims of the attention blocks the U-Net configs reach: ``n_embd / heads`` with
     ``n_embd`` a multiple of 32 (the presets and every width up to 512) and one head (the
-    U-Net's ``AttnBlock``), plus tests/test_attention.py's CUDA head counts."""
+    U-Net's ``AttnBlock``), plus tests/ops/test_attention.py's CUDA head counts."""
     from vdm_fast.config import DATASET_DEFAULTS
     dims = {cfg["n_embd"] for cfg in DATASET_DEFAULTS.values()} | set(range(32, 513, 32))
     dims |= {128 // 2, 256 // 4, 256 // 8}
