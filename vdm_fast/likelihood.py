@@ -1,5 +1,5 @@
-"""The likelihood of a trained VDM through its probability-flow ODE (docs/design.md, "Likelihood
-by the probability-flow ODE").
+"""The likelihood of a trained VDM through its probability-flow ODE (docs/guide/evaluation.md,
+"The probability-flow ODE").
 
 The forward process ``z_t = alpha_t x + sigma_t eps`` (``sigma^2 = sigmoid(gamma)``, ``alpha^2 =
 sigmoid(-gamma)``) is the variance-preserving SDE ``dz = a(t) z dt + g(t) dW`` with ``a = d log

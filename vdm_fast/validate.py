@@ -1,5 +1,5 @@
 """Input validation at the op boundary: a bad input raises before any kernel runs, with a
-message that names the argument and says what was expected (docs/design.md, "Checks").
+message that names the argument and says what was expected (docs/guide/ops.md, "What is checked where").
 
 Shapes, dtypes and devices are checked on every call, traced or not. Checks of the *values*
 (images in range, times in [0, 1]) read data, which needs a host sync: they run in eager mode

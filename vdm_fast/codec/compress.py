@@ -93,8 +93,8 @@ def encode(model, images, T: int = 100, max_chunk: int = 32, grid_bits: int = 4,
     ``max_chunk`` images at most are coded together (one batched network call per step); the
     chunks start small and grow as the stack can lend them bits. ``grid_bits``: each latent lives
     on a grid of ``2^-grid_bits`` of its step's std (a coarser grid borrows fewer bits, so
-    bits-back starts sooner; see docs/design.md for what each costs). A list passed as ``chunks``
-    receives the chunk sizes in coding order (0: an image of the direct block, coded before the
+    bits-back starts sooner; docs/guide/compression.md, "How it works"). A list passed as
+    ``chunks`` receives the chunk sizes in coding order (0: an image of the direct block, coded before the
     stack could lend bits).
     """
     images = torch.as_tensor(images)

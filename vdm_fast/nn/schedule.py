@@ -70,6 +70,7 @@ class MonotoneNetSchedule(FixedLinearSchedule):
             self.gamma_1 = nn.Parameter(torch.tensor([self.gamma_max]))
 
     def network(self):
+        """The monotone network's parameters ``(w1, b1, w2, b2, w3)``, as the ops take them."""
         return self.w1, self.b1, self.w2, self.b2, self.w3
 
     def forward(self, t: Tensor):

@@ -17,6 +17,10 @@ from vdm_fast.diffusion.features import fourier_features, timestep_embedding
 
 
 class ResnetBlock(nn.Module):
+    """The official ``ResnetBlock``: GroupNorm+SiLU, conv, the conditioning added before the
+    second GroupNorm+SiLU, dropout, a zero-initialised conv, and the skip path (a 1x1 projection
+    where the width changes). ``block(x, cond)`` with ``cond [B, cond_dim]``."""
+
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, dropout: float):
         super().__init__()
         self.norm1 = GroupNormSiLU(in_channels)
@@ -46,7 +50,9 @@ class ScoreUNet(nn.Module):
         n_layer: ResNet blocks on the way down (32 officially; ``n_layer + 1`` on the way up).
         dropout: dropout rate inside the ResNet blocks (0.1 officially).
         attention: ``"middle"`` (official) or ``"all"`` (also after every down/up block).
-        gamma_min, gamma_max: the *configured* schedule endpoints that normalise the time input.
+        gamma_min: the *configured* schedule's gamma(0), which with ``gamma_max`` normalises the
+            time input.
+        gamma_max: the *configured* schedule's gamma(1).
         fourier_features: concatenate ``sin/cos(2^k 2 pi z)``, ``k = 6, 7``, to the input.
         num_classes: > 0 adds a label embedding (``num_classes + 1`` entries, the last one the
             null class of classifier-free guidance) to the time conditioning.

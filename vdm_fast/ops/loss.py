@@ -38,7 +38,7 @@ _triton = functools.partial(backend.triton_kernels, "loss")
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """Accumulate in float32, or float64 when an input is float64 (docs/design.md, "Numerics")."""
+    """Accumulate in float32, or float64 when an input is float64 (docs/design/numerics.md)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 

@@ -163,7 +163,7 @@ def gamma_nnet_pinned(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 def variance_gradients(t: Tensor, params, grad_gamma: Tensor, grad_dgamma: Tensor, loss: Tensor,
                        endpoints: Optional[tuple] = None):
-    """Variance minimisation (docs/design.md, "The math"): the gradients of ``sum_i L_i^2`` with
+    """Variance minimisation (docs/design/math.md): the gradients of ``sum_i L_i^2`` with
     respect to the network's parameters ``params = (w1, b1, w2, b2, w3)``, that is
     ``sum_i 2 L_i dL_i/d eta``, from each example's ``dL_i / d gamma_t`` (``grad_gamma``) and
     ``dL_i / d gamma'_t`` (``grad_dgamma``) and its diffusion loss ``L_i`` (``loss``, no gradient

@@ -1,4 +1,4 @@
-"""The VDM variational bound in plain PyTorch (docs/design.md, "The math").
+"""The VDM variational bound in plain PyTorch (docs/design/math.md).
 
 Shapes: data and noise are ``[B, ...]``; ``gamma`` arguments hold one value per example, ``[B]``.
 Every per-example loss returns ``[B]`` in nats. float64 inputs give float64 results.
