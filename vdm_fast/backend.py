@@ -59,7 +59,7 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The kernels each family has, per device type; everything else runs the reference. The CPU
 # attention block is PyTorch's own CPU kernels in float32, even for the bf16 tensors that
-# training under autocast gives it: torch's bf16 CPU attention backward runs 3x slower than its
+# training under autocast gives it: torch's bf16 CPU attention backward is slower than its
 # float32 one at the U-Net's shapes (benchmarks/RESULTS.md, "Attention block").
 KERNELS = {
     "loss": {"cpu": "cpp", "cuda": "triton"},

@@ -34,7 +34,7 @@ scheduler's table::
 
 which gives the images of ``model.sample(n, 1000, generator=torch.Generator().manual_seed(0))``.
 A network trained in diffusers' timestep convention instead (e.g. a ``UNet2DModel`` behind
-``vdm_fast.nn.from_diffusers`` with a fixed linear schedule: timestep ``1000 t``) can be called
+``vdm_fast.integrations.adapters.from_diffusers`` with a fixed linear schedule: timestep ``1000 t``) can be called
 with the loop's ``t`` directly.
 """
 
