@@ -54,8 +54,9 @@ class ScoreUNet(nn.Module):
             time input.
         gamma_max: the *configured* schedule's gamma(1).
         fourier_features: concatenate ``sin/cos(2^k 2 pi z)``, ``k = 6, 7``, to the input.
-        num_classes: > 0 adds a label embedding (``num_classes + 1`` entries, the last one the
-            null class of classifier-free guidance) to the time conditioning.
+        num_classes: the number of classes; above 0 adds a label embedding (``num_classes + 1``
+            entries, the last one the null class of classifier-free guidance) to the time
+            conditioning.
 
     Its GroupNorms and attention run ``vdm_fast.ops`` (fused kernels on CUDA); for an A/B run
     against the reference, call it inside ``with vdm_fast.backend.use("reference"):``.

@@ -78,8 +78,8 @@ class VDM(nn.Module):
             The weighting trains the score network only: the schedule's gradient is always the
             bound's (see ``forward``), so a weighted objective cannot fit the schedule to itself.
             ``objective(out)`` is the loss to train on.
-        num_classes: > 0 for a class-conditional model (the score net must take labels);
-            ``label_dropout`` of the training labels are replaced by the null class
+        num_classes: the classes of a class-conditional model (0: unconditional; the score net
+            must take labels); ``label_dropout`` of the training labels are replaced by the null class
             ``num_classes``, so one network learns both p(x | c) and p(x).
         schedule_objective: ``"elbo"`` (the schedule descends the bound) or ``"variance"``:
             the paper's variance minimisation for an endpoint-pinned ``MonotoneNetSchedule``
