@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import ONE_THREAD, PoisonedTorch, run_cli  # noqa: E402 (imports vdm_fast, which reads TRITON_INTERPRET)
+from helpers import ONE_THREAD, TINY, PoisonedTorch, run_cli  # noqa: E402 (imports vdm_fast, which reads TRITON_INTERPRET)
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +38,11 @@ def poisoned(monkeypatch):
     return apply
 
 
-# The trained runs the tests share: tiny digits models, trained once a session in a subprocess
-# and only read by the tests. No samples, one test batch.
-_TINY_RUN = ["--n-embd", "32", "--n-layer", "1", "--batch-size", "16", "--log-every", "2", "--sample-n", "0",
-             "--eval-batches", "1", "--warmup", "5"]
-
-
+# The trained runs the tests share: TINY runs on the digits without samples and with one test
+# batch, trained once a session in a subprocess and only read by the tests.
 def _train(folder, steps: int, *extra):
-    proc = run_cli("vdm_fast.training.train", ["--out-dir", str(folder), "--steps", str(steps), *_TINY_RUN, *extra],
-                   env=ONE_THREAD)
+    args = ["--out-dir", str(folder), "--steps", str(steps), *TINY, "--sample-n", "0", "--eval-batches", "1", *extra]
+    proc = run_cli("vdm_fast.training.train", args, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     return folder / "checkpoint.pt"
 
