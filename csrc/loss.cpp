@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace vdm {
@@ -19,6 +20,9 @@ constexpr int kReconBlock = 64;  // elements per SIMD block
 // s0 lies in [1, vocab] (the v* term is exactly 1): a product of 32 stays below 2^512 for
 // vocab <= 2^16, far inside double's range, so one log serves 32 elements.
 constexpr int kLogGroup = 32;
+// Work per element of the reconstruction kernels, in units of a simple elementwise op: the
+// window's grid points (for parallel.h's grain).
+constexpr int64_t kReconWork = 16;
 
 // The per-example half of the window's recurrence (see recon_block): kmax = how many grid
 // steps the window reaches on each side, and decay[k] = exp(-2 C k) for k < kmax, with
@@ -97,7 +101,7 @@ void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T*
                        int64_t B, int64_t D, int vocab) {
   with_x_type(xt, [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D * kReconWork >= kParallelGrain)
     for (int64_t b = 0; b < B; ++b) {
       // The per-example constants in double: exp(-gamma) overflows float below gamma = -88,
       // where the decoder is exact and the loss is 0, not inf * 0.
@@ -128,7 +132,7 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
                         T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab) {
   with_x_type(xt, [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D * kReconWork >= kParallelGrain)
     for (int64_t b = 0; b < B; ++b) {
       const double g = gamma[b], go = grad_out[b];  // in double, as in the forward
       const double prec = std::exp(-g), scale = std::exp(0.5 * g);
@@ -170,7 +174,7 @@ inline void alpha_sigma(T g, T* alpha, T* sigma) {
 
 template <typename T>
 void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t b = 0; b < B; ++b) {
     T alpha, sigma;
     alpha_sigma(gamma[b], &alpha, &sigma);
@@ -185,7 +189,7 @@ void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t
 template <typename T>
 void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamma, T* grad_f,
                           T* grad_eps, T* grad_gamma, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t b = 0; b < B; ++b) {
     T alpha, sigma;
     alpha_sigma(gamma[b], &alpha, &sigma);
@@ -205,7 +209,7 @@ void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamm
 template <typename T>
 void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c, T* out, int64_t B,
                      int64_t D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * D;
     const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1);
@@ -224,7 +228,7 @@ void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c,
 template <typename T>
 void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T* w, const T* c,
                       T* grad_x, T* grad_a, T* grad_c, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * D;
     const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1), g2 = T(2) * grad[b];

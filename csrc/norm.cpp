@@ -1,5 +1,6 @@
 // C++ CPU kernels of the fused GroupNorm (+ conditioning, + swish); math in norm.h.
 #include "norm.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 #include <cmath>
@@ -249,7 +250,7 @@ void group_norm_forward_cpu(const T* x, const T* cond, const compute_t<T>* w, co
                             compute_t<T>* mean, compute_t<T>* rstd, int64_t B, int64_t C, int64_t HW,
                             int64_t G, double eps, bool silu, bool channels_last) {
   const int64_t D = C * HW;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t e = 0; e < B; ++e) {
     const T* ce = cond ? cond + e * C : nullptr;
     if (channels_last)
@@ -266,7 +267,7 @@ void group_norm_backward_cpu(const T* dy, const T* x, const T* cond, const compu
                              int64_t G, bool silu, bool channels_last) {
   const int64_t D = C * HW;
   std::vector<double> pw(B * C), pb(B * C);  // per-example partials of dw, db
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
   for (int64_t e = 0; e < B; ++e) {
     const T* ce = cond ? cond + e * C : nullptr;
     T* dce = dcond ? dcond + e * C : nullptr;

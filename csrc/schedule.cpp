@@ -1,5 +1,6 @@
 // C++ CPU kernels of the fused monotone noise schedule (math in schedule.h).
 #include "schedule.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -67,7 +68,7 @@ void nnet_forward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const T
     a23[j] = a2[j] * a3[j];
   }
   const T a1 = std::abs(w1[0]), inv_n = T(1) / T(n);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * n >= kParallelGrain)
   for (int64_t i = 0; i < B; ++i) {
     T acc_g, acc_d;
     forward_row(t[i], a2.data(), a3.data(), a23.data(), b2, n, &acc_g, &acc_d);
@@ -86,7 +87,7 @@ void nnet_backward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const 
   std::vector<T> part_d(n_chunks * B), part_t(n_chunks * B);
   const T a1 = std::abs(w1[0]), inv_n = T(1) / T(n);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (B * n >= kParallelGrain)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t j0 = c * kScheduleUnitsPerChunk;
     const int64_t m = std::min<int64_t>(kScheduleUnitsPerChunk, n - j0);
