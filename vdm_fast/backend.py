@@ -11,7 +11,9 @@ Each op family (``loss``, ``schedule``, ``norm``, ``attention``) has up to three
 ``implementation(family, device, dtype)`` returns the one that runs. The process-wide choice is
 ``VDM_FAST_BACKEND`` (``auto``, the default: the kernels where they exist; ``reference``: the
 reference everywhere), read once, at import; ``use("reference")`` switches it for a block (A/B
-runs), like torch's ``torch.backends`` flags, for the whole process.
+runs), like torch's ``torch.backends`` flags, for the whole process. Every op asks on every
+call, so the answer is kept per ``(family, device, dtype)`` until ``use`` changes the choice: a
+call costs one dictionary lookup.
 """
 
 import contextlib
@@ -57,22 +59,40 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # the tests use it to run them on machines without a GPU.
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# implementation()'s answers: (family, device, dtype) -> implementation, kept until the choice
+# (use) or a table below changes.
+_decided = {}
+
+
+class _Table(dict):
+    """A table the decisions are made from: changing an entry (a test or an experiment sending a
+    family to other kernels) forgets the decisions made from it."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        _decided.clear()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        _decided.clear()
+
+
 # The kernels each family has, per device type; everything else runs the reference. The CPU
 # attention block is PyTorch's own CPU kernels in float32, even for the bf16 tensors that
 # training under autocast gives it: torch's bf16 CPU attention backward is slower than its
 # float32 one at the U-Net's shapes (benchmarks/RESULTS.md, "Attention block").
-KERNELS = {
-    "loss": {"cpu": "cpp", "cuda": "triton"},
-    "schedule": {"cpu": "cpp", "cuda": "triton"},
-    "norm": {"cpu": "cpp", "cuda": "triton"},
-    "attention": {"cpu": "torch", "cuda": "triton"},
-}
+KERNELS = _Table({
+    "loss": _Table({"cpu": "cpp", "cuda": "triton"}),
+    "schedule": _Table({"cpu": "cpp", "cuda": "triton"}),
+    "norm": _Table({"cpu": "cpp", "cuda": "triton"}),
+    "attention": _Table({"cpu": "torch", "cuda": "triton"}),
+})
 # dtypes an implementation of a family takes, where it does not take every floating dtype.
-KERNEL_DTYPES = {
+KERNEL_DTYPES = _Table({
     ("attention", "triton"): (torch.float32, torch.bfloat16, torch.float16),
     ("attention", "torch"): (torch.float32, torch.bfloat16, torch.float16),  # float64 stays float64
     ("norm", "cpp"): (torch.float32, torch.float64, torch.bfloat16),
-}
+})
 
 
 def _from_environment() -> str:
@@ -98,10 +118,12 @@ def use(backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     previous, _choice = _choice, backend
+    _decided.clear()
     try:
         yield
     finally:
         _choice = previous
+        _decided.clear()
 
 
 def _available(impl: str) -> bool:
@@ -110,6 +132,18 @@ def _available(impl: str) -> bool:
 
 def implementation(family: str, device: torch.device, dtype: torch.dtype = None) -> str:
     """``"reference"``, ``"cpp"``, ``"triton"`` or ``"torch"``: what runs ``family``'s ops on ``device``."""
+    if torch.compiler.is_compiling():
+        # Traced, the decision is made afresh: torch.compile then guards on the choice itself
+        # (a string), not on a dictionary that every use() clears.
+        return _decide(family, device, dtype)
+    key = (family, device, dtype)
+    impl = _decided.get(key)
+    if impl is None:
+        impl = _decided[key] = _decide(family, device, dtype)
+    return impl
+
+
+def _decide(family: str, device: torch.device, dtype) -> str:
     if _choice == "reference":
         return "reference"
     impl = KERNELS[family].get(device.type)
