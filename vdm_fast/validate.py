@@ -1,7 +1,9 @@
 """Input validation at the op boundary: a bad input raises before any kernel runs, with a
 message that names the argument and says what was expected (docs/guide/ops.md, "What is checked where").
 
-Shapes, dtypes and devices are checked on every call, traced or not. Checks of the *values*
+Shapes, dtypes and devices are checked on every call, traced or not, with tensor attributes
+only (no torch op, no device object built where a flag answers), so the checks of a call cost
+about a microsecond on the host (docs/design.md, "Host cost per call"). Checks of the *values*
 (images in range, times in [0, 1]) read data, which needs a host sync: they run in eager mode
 and are skipped inside ``torch.compile`` and CUDA-graph capture, where the kernels themselves
 turn an invalid value into NaN instead (``reconstruction_loss``), so it cannot pass unnoticed."""
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = frozenset(FLOATS)
 # Integer dtypes images may come in (unsigned 16/32/64-bit ints have too few torch kernels).
 IMAGE_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # The largest vocabulary the kernels take: their per-element sums stay exact up to 2^16 levels.
@@ -21,9 +24,9 @@ MAX_VOCAB = 2**16
 def tensor(name: str, value, *, floating: bool = False) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.device.type == "meta":
+    if value.is_meta:
         raise ValueError(f"{name} is a meta tensor, which holds no data; pass a CPU or CUDA tensor")
-    if floating and value.dtype not in FLOATS:
+    if floating and value.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got {value.dtype}")
     return value
@@ -33,12 +36,14 @@ def parameters(named, like_name: str, like: Tensor) -> torch.dtype:
     """Floating tensors ``[(name, tensor, shape), ...]`` of the given shapes on ``like``'s device,
     all of one dtype, float64 exactly when ``like`` is (low-precision ``like`` under autocast may
     meet float32 weights); returns that dtype."""
-    dtype = None
+    dtype, device = None, like.device
     for name, value, shape in named:
-        tensor(name, value, floating=True)
-        if tuple(value.shape) != tuple(shape):
+        if not isinstance(value, Tensor) or value.is_meta or value.dtype not in _FLOATS:
+            tensor(name, value, floating=True)  # says which
+        if value.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
-        same_device(name, value, like_name, like)
+        if value.device != device:
+            same_device(name, value, like_name, like)
         if dtype is None:
             dtype, first = value.dtype, name
         elif value.dtype != dtype:
@@ -50,6 +55,8 @@ def parameters(named, like_name: str, like: Tensor) -> torch.dtype:
 
 
 def positive_int(name: str, value) -> int:
+    if type(value) is int and value > 0:  # the common case, without finite_number's keywords
+        return value
     return finite_number(name, value, positive=True, integer=True)
 
 
@@ -96,6 +103,9 @@ def per_example(name: str, value, B: int, like_name: str, like: Tensor, *, broad
 
 
 def finite_number(name: str, value, *, positive: bool = False, integer: bool = False):
+    kind = type(value)
+    if (kind is int or (kind is float and not integer)) and math.isfinite(value) and (value > 0 or not positive):
+        return value  # the common case in one test
     ok_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):
         kind = "an int" if integer else "a number"
