@@ -101,8 +101,7 @@ void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T*
                        int64_t B, int64_t D, int vocab) {
   with_x_type(xt, [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
-#pragma omp parallel for schedule(static) if (B * D * kReconWork >= kParallelGrain)
-    for (int64_t b = 0; b < B; ++b) {
+    parallel_for(B, B * D * kReconWork, [&](int64_t b) {
       // The per-example constants in double: exp(-gamma) overflows float below gamma = -88,
       // where the decoder is exact and the loss is 0, not inf * 0.
       const double g = gamma[b];
@@ -123,7 +122,7 @@ void recon_forward_cpu(const void* x, XType xt, const T* eps, const T* gamma, T*
         for (int j = 0; j < n; ++j) acc += 0.5 * prec * double(ux[j]) * (double(ux[j]) - 2.0 * double(w[j]));
       }
       out[b] = static_cast<T>(acc);
-    }
+    });
   });
 }
 
@@ -132,8 +131,7 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
                         T* grad_eps, T* grad_gamma, int64_t B, int64_t D, int vocab) {
   with_x_type(xt, [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
-#pragma omp parallel for schedule(static) if (B * D * kReconWork >= kParallelGrain)
-    for (int64_t b = 0; b < B; ++b) {
+    parallel_for(B, B * D * kReconWork, [&](int64_t b) {
       const double g = gamma[b], go = grad_out[b];  // in double, as in the forward
       const double prec = std::exp(-g), scale = std::exp(0.5 * g);
       const ReconWindow window(prec, vocab);
@@ -155,7 +153,7 @@ void recon_backward_cpu(const void* x, XType xt, const T* eps, const T* gamma, c
         }
       }
       grad_gamma[b] = static_cast<T>(go * acc);
-    }
+    });
   });
 }
 
@@ -174,8 +172,7 @@ inline void alpha_sigma(T g, T* alpha, T* sigma) {
 
 template <typename T>
 void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t b = 0; b < B; ++b) {
+  parallel_for(B, B * D, [&](int64_t b) {
     T alpha, sigma;
     alpha_sigma(gamma[b], &alpha, &sigma);
     const T* fb = f + b * D;
@@ -183,14 +180,13 @@ void diffuse_forward_cpu(const T* f, const T* eps, const T* gamma, T* z, int64_t
     T* zb = z + b * D;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) zb[d] = alpha * fb[d] + sigma * eb[d];
-  }
+  });
 }
 
 template <typename T>
 void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamma, T* grad_f,
                           T* grad_eps, T* grad_gamma, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t b = 0; b < B; ++b) {
+  parallel_for(B, B * D, [&](int64_t b) {
     T alpha, sigma;
     alpha_sigma(gamma[b], &alpha, &sigma);
     const int64_t o = b * D;
@@ -203,14 +199,13 @@ void diffuse_backward_cpu(const T* grad, const T* f, const T* eps, const T* gamm
       acc += go * (alpha * eps[o + d] - sigma * f[o + d]);
     }
     grad_gamma[b] = T(0.5) * alpha * sigma * static_cast<T>(acc);
-  }
+  });
 }
 
 template <typename T>
 void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c, T* out, int64_t B,
                      int64_t D) {
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t b = 0; b < B; ++b) {
+  parallel_for(B, B * D, [&](int64_t b) {
     const int64_t o = b * D;
     const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1);
     const T* yb = y ? y + o : nullptr;
@@ -222,14 +217,13 @@ void sse_forward_cpu(const T* x, const T* y, const T* a, const T* w, const T* c,
       acc += r * r;
     }
     out[b] = static_cast<T>(acc);
-  }
+  });
 }
 
 template <typename T>
 void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T* w, const T* c,
                       T* grad_x, T* grad_a, T* grad_c, int64_t B, int64_t D) {
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t b = 0; b < B; ++b) {
+  parallel_for(B, B * D, [&](int64_t b) {
     const int64_t o = b * D;
     const T ab = a ? a[b] : T(1), cb = c ? c[b] : T(1), g2 = T(2) * grad[b];
     const T* yb = y ? y + o : nullptr;
@@ -245,7 +239,7 @@ void sse_backward_cpu(const T* grad, const T* x, const T* y, const T* a, const T
     }
     if (grad_a) grad_a[b] = -static_cast<T>(acc_a);
     if (grad_c) grad_c[b] = -static_cast<T>(acc_c);
-  }
+  });
 }
 
 #define VDM_INSTANTIATE(T)                                                                      \

@@ -3,6 +3,7 @@
 #include "parallel.h"
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -44,59 +45,67 @@ inline A silu_grad(A u) {
 // loops with no calls through function objects, so that GCC vectorises each (cloned per
 // instruction set, VDM_CLONES).
 
-// sums[c] = sum_i (x[c, i] + off[c])^p, p = 1 (off unused) or 2.
-template <bool CL, bool SQUARE, typename T>
+// channels_last: sums[c] = sum_i (x[i, c] + off[c])^p, p = 1 (off unused) or 2.
+template <bool SQUARE, typename T>
 VDM_CLONES void channel_sums(const T* x, const double* off, int64_t C, int64_t HW, double* sums) {
-  if constexpr (CL) {
-    for (int64_t c = 0; c < C; ++c) sums[c] = 0;
-    for (int64_t i = 0; i < HW; ++i) {
-      const T* row = x + i * C;
+  for (int64_t c = 0; c < C; ++c) sums[c] = 0;
+  for (int64_t i = 0; i < HW; ++i) {
+    const T* row = x + i * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = IO<T>::load(row[c]);
-        sums[c] += SQUARE ? (v + off[c]) * (v + off[c]) : v;
-      }
-    }
-  } else {
     for (int64_t c = 0; c < C; ++c) {
-      const T* run = x + c * HW;
-      const double o = SQUARE ? off[c] : 0.0;
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < HW; ++i) {
-        const double v = IO<T>::load(run[i]);
-        s += SQUARE ? (v + o) * (v + o) : v;
-      }
-      sums[c] = s;
+      const double v = IO<T>::load(row[c]);
+      sums[c] += SQUARE ? (v + off[c]) * (v + off[c]) : v;
     }
   }
 }
 
-// y = silu(x scale[c] + shift[c]) (or without the swish), a run at a time through a buffer of
-// the compute type: GCC vectorises the swish and the bfloat16 rounding as two loops, not as one.
+// NCHW: sum_i (x[i] + off)^p over a run of n contiguous elements (a channel, or a whole group).
+template <bool SQUARE, typename T>
+VDM_CLONES double run_sum(const T* x, double off, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = IO<T>::load(x[i]);
+    s += SQUARE ? (v + off) * (v + off) : v;
+  }
+  return s;
+}
+
+// Elements the swish and the bfloat16 rounding run over at a time: a run of at least this many
+// (whole channel runs in NCHW, whole pixel rows in channels_last), so that a small image's short
+// runs (HW = 16 pixels, or 4) do not pay a vector loop's set-up for every channel.
+constexpr int64_t kRun = 256;
+
+// y = silu(x scale[c] + shift[c]) (or without the swish), a block of runs at a time through a
+// buffer of the compute type: the affine map per run, then the swish and the store over the whole
+// block (GCC vectorises each as its own loop). buf holds max(kRun, HW) (NCHW) or max(kRun, C)
+// (channels_last) elements.
 template <bool CL, bool SILU, typename T, typename A>
 VDM_CLONES void normalise(const T* x, const A* scale, const A* shift, T* y, int64_t C, int64_t HW, A* buf) {
-  if constexpr (CL) {
-    for (int64_t i = 0; i < HW; ++i) {
+  const int64_t runs = CL ? HW : C, len = CL ? C : HW;  // runs of len contiguous elements
+  const int64_t per_block = len >= kRun ? 1 : kRun / len;
+  for (int64_t r0 = 0; r0 < runs; r0 += per_block) {
+    const int64_t r1 = r0 + per_block < runs ? r0 + per_block : runs;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* in = x + r * len;
+      A* out = buf + (r - r0) * len;
+      if constexpr (CL) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A u = IO<T>::load(x[i * C + c]) * scale[c] + shift[c];
-        buf[c] = SILU ? u * vsigmoid(u) : u;
+        for (int64_t c = 0; c < len; ++c) out[c] = IO<T>::load(in[c]) * scale[c] + shift[c];
+      } else {
+        const A sc = scale[r], sh = shift[r];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = IO<T>::load(in[i]) * sc + sh;
       }
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) IO<T>::put(y, i * C + c, buf[c]);
     }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const A sc = scale[c], sh = shift[c];
+    const int64_t n = (r1 - r0) * len;
+    if constexpr (SILU) {
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const A u = IO<T>::load(x[c * HW + i]) * sc + sh;
-        buf[i] = SILU ? u * vsigmoid(u) : u;
-      }
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) IO<T>::put(y, c * HW + i, buf[i]);
+      for (int64_t i = 0; i < n; ++i) buf[i] = buf[i] * vsigmoid(buf[i]);
     }
+    T* dst = y + r0 * len;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) IO<T>::put(dst, i, buf[i]);
   }
 }
 
@@ -169,30 +178,44 @@ void forward_example(const T* x, const T* cond, const compute_t<T>* w, const com
                      bool silu) {
   using A = compute_t<T>;
   const int64_t cpg = C / G;
-  const double n = double(cpg) * double(HW);
+  const double inv_n = 1.0 / (double(cpg) * double(HW));  // a multiply per group, not a division
   std::vector<double> sums(C), offset(C);
   std::vector<A> scale(C), shift(C);
   auto cond_of = [&](int64_t c) { return cond ? double(IO<T>::load(cond[c])) : 0.0; };
-  channel_sums<CL, false>(x, offset.data(), C, HW, sums.data());
+  // Per group: the mean over x + cond (first pass), then the centred sum of squares (second).
+  // NCHW holds a group's channels as one run: its sums are one loop over the run (per channel
+  // only for the centred squares under conditioning, whose offset differs by channel).
+  if constexpr (CL) channel_sums<false>(x, offset.data(), C, HW, sums.data());
   for (int64_t g = 0; g < G; ++g) {
     double s = 0;
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c] + double(HW) * cond_of(c);
-    const double m = s / n;
+    if constexpr (CL) {
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c];
+    } else {
+      s = run_sum<false>(x + g * cpg * HW, 0.0, cpg * HW);
+    }
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += double(HW) * cond_of(c);
+    const double m = s * inv_n;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) offset[c] = cond_of(c) - m;
     mean[g] = A(m);
   }
-  channel_sums<CL, true>(x, offset.data(), C, HW, sums.data());
+  if constexpr (CL) channel_sums<true>(x, offset.data(), C, HW, sums.data());
   for (int64_t g = 0; g < G; ++g) {
     double s = 0;
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c];
-    const double r = 1.0 / std::sqrt(s / n + eps);
+    if constexpr (CL) {
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c];
+    } else if (cond) {
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += run_sum<true>(x + c * HW, offset[c], HW);
+    } else {
+      s = run_sum<true>(x + g * cpg * HW, offset[g * cpg], cpg * HW);
+    }
+    const double r = 1.0 / std::sqrt(s * inv_n + eps);
     rstd[g] = A(r);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       scale[c] = A(r * double(w[c]));
       shift[c] = A(double(b[c]) + offset[c] * r * double(w[c]));
     }
   }
-  std::vector<A> buf(CL ? C : HW);
+  std::vector<A> buf(std::max<int64_t>(kRun, CL ? C : HW));
   if (silu)
     normalise<CL, true>(x, scale.data(), shift.data(), y, C, HW, buf.data());
   else
@@ -226,10 +249,11 @@ void backward_example(const T* dy, const T* x, const T* cond, const compute_t<T>
       bb += double(w[c]) * dw[c];
     }
     const double r = rstd[g];
+    const A ka = A(-r * a / n), kb = A(-r * bb / n);  // once per group: two divisions, not two per channel
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       k1[c] = A(r * double(w[c]));  // dx = du k1 + k0 + xhat kx
-      k0[c] = A(-r * a / n);
-      kx[c] = A(-r * bb / n);
+      k0[c] = ka;
+      kx[c] = kb;
     }
   }
   std::vector<double> sums(C);  // sum_hw dv: the conditioning's gradient
@@ -250,14 +274,13 @@ void group_norm_forward_cpu(const T* x, const T* cond, const compute_t<T>* w, co
                             compute_t<T>* mean, compute_t<T>* rstd, int64_t B, int64_t C, int64_t HW,
                             int64_t G, double eps, bool silu, bool channels_last) {
   const int64_t D = C * HW;
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t e = 0; e < B; ++e) {
+  parallel_for(B, B * D, [&](int64_t e) {
     const T* ce = cond ? cond + e * C : nullptr;
     if (channels_last)
       forward_example<true>(x + e * D, ce, w, b, y + e * D, mean + e * G, rstd + e * G, C, HW, G, eps, silu);
     else
       forward_example<false>(x + e * D, ce, w, b, y + e * D, mean + e * G, rstd + e * G, C, HW, G, eps, silu);
-  }
+  });
 }
 
 template <typename T>
@@ -267,8 +290,7 @@ void group_norm_backward_cpu(const T* dy, const T* x, const T* cond, const compu
                              int64_t G, bool silu, bool channels_last) {
   const int64_t D = C * HW;
   std::vector<double> pw(B * C), pb(B * C);  // per-example partials of dw, db
-#pragma omp parallel for schedule(static) if (B * D >= kParallelGrain)
-  for (int64_t e = 0; e < B; ++e) {
+  parallel_for(B, B * D, [&](int64_t e) {
     const T* ce = cond ? cond + e * C : nullptr;
     T* dce = dcond ? dcond + e * C : nullptr;
     if (channels_last)
@@ -277,7 +299,7 @@ void group_norm_backward_cpu(const T* dy, const T* x, const T* cond, const compu
     else
       backward_example<false>(dy + e * D, x + e * D, ce, w, b, mean + e * G, rstd + e * G, dx + e * D,
                               pw.data() + e * C, pb.data() + e * C, dce, C, HW, G, silu);
-  }
+  });
   for (int64_t c = 0; c < C; ++c) {
     double sw = 0, sb = 0;
     for (int64_t e = 0; e < B; ++e) {

@@ -68,13 +68,12 @@ void nnet_forward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const T
     a23[j] = a2[j] * a3[j];
   }
   const T a1 = std::abs(w1[0]), inv_n = T(1) / T(n);
-#pragma omp parallel for schedule(static) if (B * n >= kParallelGrain)
-  for (int64_t i = 0; i < B; ++i) {
+  parallel_for(B, B * n, [&](int64_t i) {
     T acc_g, acc_d;
     forward_row(t[i], a2.data(), a3.data(), a23.data(), b2, n, &acc_g, &acc_d);
     gamma[i] = b1[0] + a1 * t[i] + acc_g * inv_n;
     dgamma[i] = a1 + T(4) * acc_d * inv_n;
-  }
+  });
 }
 
 template <typename T>
@@ -87,8 +86,7 @@ void nnet_backward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const 
   std::vector<T> part_d(n_chunks * B), part_t(n_chunks * B);
   const T a1 = std::abs(w1[0]), inv_n = T(1) / T(n);
 
-#pragma omp parallel for schedule(dynamic, 1) if (B * n >= kParallelGrain)
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  parallel_for_dynamic(n_chunks, B * n, [&](int64_t c) {
     const int64_t j0 = c * kScheduleUnitsPerChunk;
     const int64_t m = std::min<int64_t>(kScheduleUnitsPerChunk, n - j0);
     T a2[kScheduleUnitsPerChunk], a3[kScheduleUnitsPerChunk], a23[kScheduleUnitsPerChunk],
@@ -125,7 +123,7 @@ void nnet_backward_cpu(const T* t, const T* w1, const T* b1, const T* w2, const 
       grad_b2[j] = a3[k] * inv_n * static_cast<T>(acc_b2[k]);
       grad_w2[j] = sign(w2[j]) * a3[k] * inv_n * static_cast<T>(acc_w2[k]);
     }
-  }
+  });
 
   double sum_gg = 0, sum_w1 = 0;
   for (int64_t i = 0; i < B; ++i) {
