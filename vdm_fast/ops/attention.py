@@ -64,6 +64,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
+    if do is None:  # only the log-sum-exp was used: it carries no gradient
+        return None, None, None, None
     dq, dk, dv = _flash_attention_backward(do, *ctx.saved_tensors, ctx.scale)
     return dq, dk, dv, None
 
@@ -108,15 +110,17 @@ def attention_block(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w_qkv: Te
         raise ValueError(f"num_heads ({num_heads}) must divide the channels of x ({C})")
     if C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channels of x ({C})")
-    validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
-                        ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)), ("norm_bias", norm_bias, (C,))],
-                       "x", x)
+    weights = validate.parameters([("w_qkv", w_qkv, (3 * C, C)), ("b_qkv", b_qkv, (3 * C,)), ("w_out", w_out, (C, C)),
+                                   ("b_out", b_out, (C,)), ("norm_weight", norm_weight, (C,)),
+                                   ("norm_bias", norm_bias, (C,))], "x", x)
     impl = backend.implementation("attention", x.device, x.dtype)
     if impl == "triton":
         return _attention_block_fused(x, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out, num_heads,
                                       num_groups, eps)
     params = (norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out)
-    if impl == "torch":  # in float32, autocast or not (vdm_fast.backend.KERNELS says why)
+    # "torch" (CPU): in float32, autocast or not (vdm_fast.backend.KERNELS says why); float32 input
+    # outside autocast is the reference as it is, without the casts and the autocast switch.
+    if impl == "torch" and not (x.dtype == weights == torch.float32 and not torch.is_autocast_enabled("cpu")):
         with torch.autocast(x.device.type, enabled=False):
             y = ref.attention_block(x.float(), *(p.float() for p in params), num_heads, num_groups, eps)
         return y.to(x.dtype)

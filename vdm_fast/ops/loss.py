@@ -11,9 +11,10 @@ a Triton kernel (``vdm_fast.kernels.loss``) registered under its dispatch key, a
 - ``vdm_fast::reconstruction_loss``: the decoder's log-softmax over the vocabulary computed on
   the fly, forward and backward; the ``[B, D, vocab]`` logits are never materialised.
 
-The public functions validate their inputs, then either run the reference function of the same
-name (``vdm_fast.backend`` decides) or flatten ``[B, ...]`` to ``[B, D]`` and combine the ops
-with the per-example ``[B]`` weights, which cost nothing next to the ``B x D`` passes.
+The ops take ``[B, ...]`` tensors (the kernels read them as ``[B, D]``: no reshape is dispatched
+on the host). The public functions validate their inputs, then either run the reference function
+of the same name (``vdm_fast.backend`` decides) or combine the ops with the per-example ``[B]``
+weights.
 """
 
 import functools
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from vdm_fast import backend
 from vdm_fast import validate
-from vdm_fast.ops._library import dtype_name, kernel_op
+from vdm_fast.ops._library import cast, dtype_name, kernel_op
 from vdm_fast.reference import loss as ref
 from vdm_fast.diffusion import parameterization as param
 from vdm_fast.diffusion import pixels
@@ -39,7 +40,10 @@ _triton = functools.partial(backend.triton_kernels, "loss")
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """Accumulate in float32, or float64 when an input is float64 (docs/design/numerics.md)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def _fused(device: torch.device) -> bool:
@@ -54,18 +58,29 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _rows(t: Tensor) -> tuple[int, int]:
+    """``(B, D)`` of a ``[B, ...]`` tensor, as the C++ kernels read it."""
+    B = t.shape[0]
+    return B, (t.numel() // B if B else 0)
+
+
+def _flat(*tensors):
+    """``[B, ...]`` tensors as the contiguous ``[B, D]`` the Triton kernels take."""
+    return [None if t is None else t.reshape(t.shape[0], -1).contiguous() for t in tensors]
+
+
 # --- vdm_fast::diffuse ------------------------------------------------------------------------
 
 def _diffuse_cpu(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     f, eps, gamma = _contiguous(f, eps, gamma)
     z = torch.empty_like(f)
-    _C.diffuse_forward_cpu(f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), z.data_ptr(), *f.shape,
+    _C.diffuse_forward_cpu(f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), z.data_ptr(), *_rows(f),
                            dtype_name(f.dtype))
     return z
 
 
 def _diffuse_triton(f, eps, gamma):
-    return _triton().diffuse_forward(*_contiguous(f, eps, gamma))
+    return _triton().diffuse_forward(*_flat(f, eps), gamma.contiguous()).reshape(f.shape)
 
 
 _diffuse = kernel_op("diffuse", "loss", cpu=_diffuse_cpu, triton=_diffuse_triton)
@@ -80,12 +95,13 @@ def _diffuse_backward_cpu(grad: Tensor, f: Tensor, eps: Tensor, gamma: Tensor) -
     grad, f, eps, gamma = _contiguous(grad, f, eps, gamma)
     grad_f, grad_eps, grad_gamma = torch.empty_like(f), torch.empty_like(eps), torch.empty_like(gamma)
     _C.diffuse_backward_cpu(grad.data_ptr(), f.data_ptr(), eps.data_ptr(), gamma.data_ptr(), grad_f.data_ptr(),
-                            grad_eps.data_ptr(), grad_gamma.data_ptr(), *f.shape, dtype_name(f.dtype))
+                            grad_eps.data_ptr(), grad_gamma.data_ptr(), *_rows(f), dtype_name(f.dtype))
     return grad_f, grad_eps, grad_gamma
 
 
 def _diffuse_backward_triton(grad, f, eps, gamma):
-    return _triton().diffuse_backward(*_contiguous(grad, f, eps, gamma))
+    grad_f, grad_eps, grad_gamma = _triton().diffuse_backward(*_flat(grad, f, eps), gamma.contiguous())
+    return grad_f.reshape(f.shape), grad_eps.reshape(eps.shape), grad_gamma
 
 
 _diffuse_backward = kernel_op("diffuse_backward", "loss", cpu=_diffuse_backward_cpu, triton=_diffuse_backward_triton)
@@ -114,21 +130,23 @@ _diffuse.register_autograd(_diffuse_grad, setup_context=_diffuse_setup)
 
 def _cpu_operand(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """The C++ kernels read float32/float64 only: low-precision CPU inputs are widened first."""
-    return None if t is None else t.to(dtype).contiguous()
+    return None if t is None else cast(t, dtype).contiguous()
 
 
 def _sse_cpu(x: Tensor, y: Optional[Tensor], a: Optional[Tensor], w: Optional[Tensor],
              c: Optional[Tensor]) -> Tensor:
     dtype = _compute_dtype(x, y, w)
-    x, y, a, w, c = (_cpu_operand(t, dtype) for t in (x, y, a, w, c))
-    out = torch.empty(x.shape[0], dtype=dtype)
-    _C.sse_forward_cpu(x.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), out.data_ptr(), *x.shape,
+    x, y, a, w, c = _cpu_operand(x, dtype), _cpu_operand(y, dtype), _cpu_operand(a, dtype), \
+        _cpu_operand(w, dtype), _cpu_operand(c, dtype)
+    out = x.new_empty(x.shape[0])
+    _C.sse_forward_cpu(x.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), out.data_ptr(), *_rows(x),
                        dtype_name(dtype))
     return out
 
 
 def _sse_triton(x, y, a, w, c):
-    return _triton().sse_forward(*_contiguous(x, y, a, w, c)).to(_compute_dtype(x, y, w))
+    fx, fy, fw = _flat(x, y, w)
+    return _triton().sse_forward(fx, fy, *_contiguous(a), fw, *_contiguous(c)).to(_compute_dtype(x, y, w))
 
 
 _sse = kernel_op("sum_squared_error", "loss", cpu=_sse_cpu, triton=_sse_triton)
@@ -145,18 +163,20 @@ def _sse_backward_cpu(grad: Tensor, x: Tensor, y: Optional[Tensor], a: Optional[
     per-example ``d/da = -sum d/dx y``, ``d/dc = -sum d/dx w`` (zero where absent)."""
     dtype = _compute_dtype(x, y, w)
     # Named, not inline: a temporary copy would be freed before the kernel reads its address.
-    grad, x_in, y, a, w, c = (_cpu_operand(t, dtype) for t in (grad, x, y, a, w, c))
+    grad, x_in, y, a, w, c = _cpu_operand(grad, dtype), _cpu_operand(x, dtype), _cpu_operand(y, dtype), \
+        _cpu_operand(a, dtype), _cpu_operand(w, dtype), _cpu_operand(c, dtype)
     grad_x = torch.empty_like(x_in)
     grad_a, grad_c = torch.empty_like(grad), torch.empty_like(grad)
     _C.sse_backward_cpu(grad.data_ptr(), x_in.data_ptr(), _addr(y), _addr(a), _addr(w), _addr(c), grad_x.data_ptr(),
-                        grad_a.data_ptr(), grad_c.data_ptr(), *x_in.shape, dtype_name(dtype))
-    return grad_x.to(x.dtype), grad_a, grad_c
+                        grad_a.data_ptr(), grad_c.data_ptr(), *_rows(x_in), dtype_name(dtype))
+    return cast(grad_x, x.dtype), grad_a, grad_c
 
 
 def _sse_backward_triton(grad, x, y, a, w, c):
     dtype = _compute_dtype(x, y, w)
-    grad_x, grad_a, grad_c = _triton().sse_backward(*_contiguous(grad, x, y, a, w, c))
-    return grad_x, grad_a.to(dtype), grad_c.to(dtype)
+    fx, fy, fw = _flat(x, y, w)
+    grad_x, grad_a, grad_c = _triton().sse_backward(grad.contiguous(), fx, fy, *_contiguous(a), fw, *_contiguous(c))
+    return grad_x.reshape(x.shape), grad_a.to(dtype), grad_c.to(dtype)
 
 
 _sse_backward = kernel_op("sum_squared_error_backward", "loss", cpu=_sse_backward_cpu, triton=_sse_backward_triton)
@@ -178,14 +198,14 @@ def _sse_grad(ctx, grad):
     needs = ctx.needs_input_grad
 
     def term(t, coef):  # the gradient of y (or w): -coef * grad_x, in t's dtype
-        scale = 1.0 if coef is None else coef.reshape(-1, *[1] * (grad_x.dim() - 1)).to(grad_x.dtype)
-        return (-scale * grad_x).to(t.dtype)
+        scale = 1.0 if coef is None else cast(coef.reshape(-1, *[1] * (grad_x.dim() - 1)), grad_x.dtype)
+        return cast(-scale * grad_x, t.dtype)
 
     return (grad_x,
             term(y, a) if y is not None and needs[1] else None,
-            grad_a.to(a.dtype) if a is not None and needs[2] else None,
+            cast(grad_a, a.dtype) if a is not None and needs[2] else None,
             term(w, c) if w is not None and needs[3] else None,
-            grad_c.to(c.dtype) if c is not None and needs[4] else None)
+            cast(grad_c, c.dtype) if c is not None and needs[4] else None)
 
 
 _sse.register_autograd(_sse_grad, setup_context=_sse_setup)
@@ -195,14 +215,14 @@ _sse.register_autograd(_sse_grad, setup_context=_sse_setup)
 
 def _recon_cpu(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int) -> Tensor:
     x, eps_0, gamma_0 = _contiguous(x, eps_0, gamma_0)
-    out = torch.empty(eps_0.shape[0], dtype=eps_0.dtype)
+    out = eps_0.new_empty(eps_0.shape[0])
     _C.recon_forward_cpu(x.data_ptr(), getattr(_C.XType, dtype_name(x.dtype)), eps_0.data_ptr(), gamma_0.data_ptr(),
-                         out.data_ptr(), *eps_0.shape, vocab_size, dtype_name(eps_0.dtype))
+                         out.data_ptr(), *_rows(eps_0), vocab_size, dtype_name(eps_0.dtype))
     return out
 
 
 def _recon_triton(x, eps_0, gamma_0, vocab_size):
-    return _triton().recon_forward(*_contiguous(x, eps_0, gamma_0), vocab_size)
+    return _triton().recon_forward(*_flat(x, eps_0), gamma_0.contiguous(), vocab_size)
 
 
 _reconstruction_loss = kernel_op("reconstruction_loss", "loss", cpu=_recon_cpu, triton=_recon_triton)
@@ -219,12 +239,14 @@ def _recon_backward_cpu(grad: Tensor, x: Tensor, eps_0: Tensor, gamma_0: Tensor,
     grad_eps, grad_gamma = torch.empty_like(eps_0), torch.empty_like(gamma_0)
     _C.recon_backward_cpu(x.data_ptr(), getattr(_C.XType, dtype_name(x.dtype)), eps_0.data_ptr(),
                           gamma_0.data_ptr(), grad.data_ptr(), grad_eps.data_ptr(), grad_gamma.data_ptr(),
-                          *eps_0.shape, vocab_size, dtype_name(eps_0.dtype))
+                          *_rows(eps_0), vocab_size, dtype_name(eps_0.dtype))
     return grad_eps, grad_gamma
 
 
 def _recon_backward_triton(grad, x, eps_0, gamma_0, vocab_size):
-    return _triton().recon_backward(*_contiguous(grad, x, eps_0, gamma_0), vocab_size)
+    grad_eps, grad_gamma = _triton().recon_backward(grad.contiguous(), *_flat(x, eps_0), gamma_0.contiguous(),
+                                                    vocab_size)
+    return grad_eps.reshape(eps_0.shape), grad_gamma
 
 
 _reconstruction_loss_backward = kernel_op("reconstruction_loss_backward", "loss", cpu=_recon_backward_cpu,
@@ -265,18 +287,10 @@ def diffuse(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     validate.same_device("eps", eps, "f", f)
     gamma = validate.per_example("gamma", gamma, B, "f", f)
     dtype = _compute_dtype(f, eps)  # gamma's dtype never changes the output's
-    f, eps, gamma = f.to(dtype), eps.to(dtype), gamma.to(dtype)
+    f, eps, gamma = cast(f, dtype), cast(eps, dtype), cast(gamma, dtype)
     if not _fused(f.device):
         return ref.diffuse(f, eps, gamma)
-    return _diffuse(f.reshape(B, -1), eps.reshape(B, -1), gamma).reshape(f.shape)
-
-
-def _sum_squared_error(x: Tensor, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
-                       w: Optional[Tensor] = None, c: Optional[Tensor] = None) -> Tensor:
-    """``sum_d (x - a y - c w)^2`` per example (see ``vdm_fast::sum_squared_error``)."""
-    B = x.shape[0]
-    flat = [None if t is None else t.reshape(B, -1) for t in (x, y, w)]
-    return _sse(flat[0], flat[1], a, flat[2], c)
+    return _diffuse(f, eps, gamma)
 
 
 def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
@@ -288,12 +302,14 @@ def _noise_pair(eps: Tensor, eps_hat: Tensor) -> int:
     return B
 
 
-def _prediction_inputs(eps: Tensor, prediction: str, x: Optional[Tensor], gamma_t: Optional[Tensor]):
+def _prediction_inputs(eps: Tensor, prediction: str, x: Optional[Tensor], gamma_t: Optional[Tensor], *,
+                       gamma_t_checked: bool = False):
     """``(x, gamma_t)`` of a prediction's loss, checked whenever given (even where this prediction
-    does not use them), ``gamma_t`` as ``[B]`` in the loss's dtype; refuses a missing one."""
+    does not use them; ``gamma_t_checked``: the caller has made it ``[B]`` in the loss's dtype),
+    ``gamma_t`` as ``[B]`` in the loss's dtype; refuses a missing one."""
     param.check_prediction(prediction)
-    if gamma_t is not None:
-        gamma_t = validate.per_example("gamma_t", gamma_t, eps.shape[0], "eps", eps).to(_compute_dtype(eps))
+    if gamma_t is not None and not gamma_t_checked:
+        gamma_t = cast(validate.per_example("gamma_t", gamma_t, eps.shape[0], "eps", eps), _compute_dtype(eps))
     if x is not None:
         validate.tensor("x", x, floating=True)
         validate.same_shape("x", x, "eps", eps)
@@ -310,11 +326,11 @@ def _prediction_error(eps: Tensor, pred: Tensor, prediction: str, x: Optional[Te
     """``vdm_fast.reference.loss.prediction_error`` as one fused pass: ``s^2 ||target - pred||^2``
     with the target a per-example combination of ``eps`` and ``x``, no conversion of ``pred``."""
     if prediction == "eps":
-        return _sum_squared_error(pred, eps)
+        return _sse(pred, eps, None, None, None)
     a, c, s2 = param.target_terms(prediction, gamma_t)
     if prediction == "x":  # the target is x itself: no coefficient to carry
-        return s2 * _sum_squared_error(pred, x)
-    return s2 * _sum_squared_error(pred, eps, a, x if c is not None else None, c)
+        return s2 * _sse(pred, x, None, None, None)
+    return s2 * _sse(pred, eps, a, x if c is not None else None, c)
 
 
 def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, prediction: str = "eps",
@@ -329,10 +345,10 @@ def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor, *, predictio
     """
     B = _noise_pair(eps, eps_hat)
     dtype = _compute_dtype(eps)
-    dgamma_dt = validate.per_example("dgamma_dt", dgamma_dt, B, "eps", eps).to(dtype)
+    dgamma_dt = cast(validate.per_example("dgamma_dt", dgamma_dt, B, "eps", eps), dtype)
     x, gamma_t = _prediction_inputs(eps, prediction, x, gamma_t)
     if not _fused(eps.device):
-        return ref.diffusion_loss(eps.to(dtype), eps_hat, dgamma_dt, prediction=prediction, x=x, gamma_t=gamma_t)
+        return ref.diffusion_loss(cast(eps, dtype), eps_hat, dgamma_dt, prediction=prediction, x=x, gamma_t=gamma_t)
     return 0.5 * dgamma_dt * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
 
@@ -343,11 +359,11 @@ def diffusion_loss_discrete(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma
     validate.finite_number("T", T, positive=True, integer=True)
     B = _noise_pair(eps, eps_hat)
     dtype = _compute_dtype(eps)
-    gamma_t = validate.per_example("gamma_t", gamma_t, B, "eps", eps).to(dtype)
-    gamma_s = validate.per_example("gamma_s", gamma_s, B, "eps", eps).to(dtype)
-    x, _ = _prediction_inputs(eps, prediction, x, gamma_t)
+    gamma_t = cast(validate.per_example("gamma_t", gamma_t, B, "eps", eps), dtype)
+    gamma_s = cast(validate.per_example("gamma_s", gamma_s, B, "eps", eps), dtype)
+    x, _ = _prediction_inputs(eps, prediction, x, gamma_t, gamma_t_checked=True)
     if not _fused(eps.device):
-        return ref.diffusion_loss_discrete(eps.to(dtype), eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=x)
+        return ref.diffusion_loss_discrete(cast(eps, dtype), eps_hat, gamma_t, gamma_s, T, prediction=prediction, x=x)
     weight = 0.5 * T * torch.expm1(gamma_t - gamma_s)
     return weight * _prediction_error(eps, eps_hat, prediction, x, gamma_t)
 
@@ -362,12 +378,16 @@ def prior_loss(f: Tensor, gamma_1: Tensor) -> Tensor:
     B = validate.batch("f", f)
     gamma_1 = validate.per_example("gamma_1", gamma_1, B, "f", f)
     dtype = _compute_dtype(f)
-    g = gamma_1.to(dtype)
+    g = cast(gamma_1, dtype)
     if not _fused(f.device):
-        return ref.prior_loss(f.to(dtype), g)
-    dims = f[0].numel()
-    return 0.5 * torch.sigmoid(-g) * _sum_squared_error(f) + \
-        0.5 * dims * (torch.sigmoid(g) - F.logsigmoid(g) - 1.0)
+        return ref.prior_loss(cast(f, dtype), g)
+    # 0.5 D (sigma^2 - log sigma^2 - 1) = 0.5 D (softplus(-g) - alpha^2), with alpha^2 = sigmoid(-g):
+    # the same value in fewer [B]-sized ops, each a dispatch on the host.
+    dims = f.numel() // B
+    neg = -g
+    alpha2 = torch.sigmoid(neg)
+    sse = _sse(f, None, None, None, None)
+    return (0.5 * dims) * torch.addcmul(F.softplus(neg), alpha2, sse - dims, value=1.0 / dims)
 
 
 def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: int = 256) -> Tensor:
@@ -386,12 +406,12 @@ def reconstruction_loss(x: Tensor, eps_0: Tensor, gamma_0: Tensor, vocab_size: i
     gamma_0 = validate.per_example("gamma_0", gamma_0, B, "eps_0", eps_0)
 
     dtype = _compute_dtype(eps_0)
-    eps_0, gamma_0 = eps_0.to(dtype), gamma_0.to(dtype)
+    eps_0, gamma_0 = cast(eps_0, dtype), cast(gamma_0, dtype)
     if not _fused(eps_0.device):
         return ref.reconstruction_loss(x, eps_0, gamma_0, vocab_size)
     if x.dtype not in _X_KERNEL_DTYPES:
         x = x.to(torch.float32 if x.is_floating_point() else torch.int32)
-    return _reconstruction_loss(x.reshape(B, -1), eps_0.reshape(B, -1), gamma_0, vocab_size)
+    return _reconstruction_loss(x, eps_0, gamma_0, vocab_size)
 
 
 def encode(x: Tensor, vocab_size: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:

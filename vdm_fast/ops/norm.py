@@ -15,18 +15,29 @@ from torch import Tensor
 
 from vdm_fast import backend
 from vdm_fast import validate
-from vdm_fast.ops._library import dtype_name, kernel_op
+from vdm_fast.ops._library import cast, dtype_name, kernel_op
 from vdm_fast.reference import norm as ref
 
 _C = backend.cpu_kernels
 _triton = functools.partial(backend.triton_kernels, "norm")
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout the kernels read ``x`` in, and write ``y`` and ``dx`` in: channels_last where
-    ``x`` has it (no copy), else NCHW."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+def _in_layout(x: Tensor) -> tuple[Tensor, torch.memory_format]:
+    """``x`` dense in the layout the kernels read it in, and write ``y`` and ``dx`` in (so
+    ``empty_like`` of it has that layout): channels_last where ``x`` has it (no copy), else NCHW.
+    No call where ``x`` already is, the common case."""
+    if x.is_contiguous():
+        return x, torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, torch.channels_last
+    return x.contiguous(), torch.contiguous_format
+
+
+def _like_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
+    """``t`` (the upstream gradient) dense in ``layout``, as ``x`` is."""
+    if layout == torch.contiguous_format:
+        return t.contiguous()
+    return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -36,19 +47,20 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 def _cpu_args(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor]):
     """The C++ kernels' operands: x in its layout, cond in x's dtype, the weights in the
     statistics' dtype."""
-    layout = _memory_format(x)
+    x, layout = _in_layout(x)
     stats = _stats_dtype(x)
-    cond = None if cond is None else cond.to(x.dtype).contiguous()
-    return (x.contiguous(memory_format=layout), cond, weight.to(stats).contiguous(), bias.to(stats).contiguous(),
-            layout)
+    return (x, None if cond is None else cast(cond, x.dtype).contiguous(), cast(weight, stats).contiguous(),
+            cast(bias, stats).contiguous(), layout)
 
 
 def _group_norm_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
                          eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     x, cond, w, b, layout = _cpu_args(x, weight, bias, cond)
     B, C, H, W = x.shape
-    y = torch.empty_like(x, memory_format=layout)
-    mean = torch.empty(B, num_groups, dtype=_stats_dtype(x))
+    # Allocated the cheapest ways torch's Python API offers (no keyword or tuple arguments to
+    # parse): y in x's layout, the statistics in the weights' dtype and device.
+    y = torch.empty_like(x)
+    mean = w.new_empty(B, num_groups)
     rstd = torch.empty_like(mean)
     _C.group_norm_forward_cpu(x.data_ptr(), 0 if cond is None else cond.data_ptr(), w.data_ptr(), b.data_ptr(),
                               y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), B, C, H * W, num_groups, eps, silu,
@@ -59,8 +71,8 @@ def _group_norm_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional
 def _group_norm_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor], num_groups: int,
                             eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     cond = None if cond is None else cond.contiguous()
-    return _triton().group_norm_silu_forward(x.contiguous(memory_format=_memory_format(x)), weight.contiguous(),
-                                             bias.contiguous(), cond, num_groups, eps, silu)
+    return _triton().group_norm_silu_forward(_in_layout(x)[0], weight.contiguous(), bias.contiguous(), cond,
+                                             num_groups, eps, silu)
 
 
 _group_norm_silu = kernel_op("group_norm_silu", "norm", cpu=_group_norm_silu_cpu, triton=_group_norm_silu_triton)
@@ -69,7 +81,7 @@ _group_norm_silu = kernel_op("group_norm_silu", "norm", cpu=_group_norm_silu_cpu
 @_group_norm_silu.register_fake
 def _(x, weight, bias, cond, num_groups, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
-    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+    return torch.empty_like(_in_layout(x)[0]), stats, torch.empty_like(stats)
 
 
 def _group_norm_silu_backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
@@ -78,8 +90,8 @@ def _group_norm_silu_backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, bias: T
     """``(dx, dweight, dbias, dcond)`` in the inputs' dtypes; ``dcond`` is empty without conditioning."""
     xc, condc, w, b, layout = _cpu_args(x, weight, bias, cond)
     B, C, H, W = x.shape
-    dy = dy.to(x.dtype).contiguous(memory_format=layout)
-    dx = torch.empty_like(xc, memory_format=layout)
+    dy = _like_layout(cast(dy, x.dtype), layout)
+    dx = torch.empty_like(xc)
     dw, db = torch.empty_like(w), torch.empty_like(b)
     dcond = x.new_empty(0) if cond is None else torch.empty_like(condc)
     _C.group_norm_backward_cpu(dy.data_ptr(), xc.data_ptr(), 0 if cond is None else condc.data_ptr(), w.data_ptr(),
@@ -87,8 +99,8 @@ def _group_norm_silu_backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, bias: T
                                dw.data_ptr(), db.data_ptr(), 0 if cond is None else dcond.data_ptr(), B, C, H * W,
                                num_groups, silu, layout == torch.channels_last, dtype_name(x.dtype))
     if cond is not None:
-        dcond = dcond.to(cond.dtype)
-    return dx, dw.to(weight.dtype), db.to(bias.dtype), dcond
+        dcond = cast(dcond, cond.dtype)
+    return dx, cast(dw, weight.dtype), cast(db, bias.dtype), dcond
 
 
 def _group_norm_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, cond: Optional[Tensor],
@@ -96,9 +108,8 @@ def _group_norm_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias
                                      silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dcond)``; ``dcond`` is empty without conditioning."""
     cond = None if cond is None else cond.contiguous()
-    layout = _memory_format(x)
-    dx, dw, db, dcond = _triton().group_norm_silu_backward(dy.contiguous(memory_format=layout),
-                                                           x.contiguous(memory_format=layout), weight.contiguous(),
+    x, layout = _in_layout(x)
+    dx, dw, db, dcond = _triton().group_norm_silu_backward(_like_layout(dy, layout), x, weight.contiguous(),
                                                            bias.contiguous(), cond, mean, rstd, num_groups, silu)
     return dx, dw, db, dcond if dcond is not None else x.new_empty(0)
 
@@ -110,8 +121,7 @@ _group_norm_silu_backward = kernel_op("group_norm_silu_backward", "norm", cpu=_g
 @_group_norm_silu_backward.register_fake
 def _(dy, x, weight, bias, cond, mean, rstd, num_groups, silu):
     dcond = torch.empty_like(cond) if cond is not None else x.new_empty(0)
-    return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(weight), \
-        torch.empty_like(bias), dcond
+    return torch.empty_like(_in_layout(x)[0]), torch.empty_like(weight), torch.empty_like(bias), dcond
 
 
 def _setup(ctx, inputs, output):
@@ -122,6 +132,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # only the statistics were used: they carry no gradient
+        return None, None, None, None, None, None, None
     x, weight, bias, cond, mean, rstd = ctx.saved_tensors
     dx, dw, db, dcond = _group_norm_silu_backward(dy, x, weight, bias, cond, mean, rstd, ctx.num_groups, ctx.silu)
     return dx, dw, db, (dcond if cond is not None else None), None, None, None
