@@ -61,6 +61,16 @@ class TrainConfig:
     bf16: bool = field(default=True, metadata={
         "help": "bf16 autocast of the score network (only) in training, where the device multiplies bf16 natively: "
                 "CUDA, or a CPU with AVX512-BF16 or AMX (elsewhere float32); the final test bpd is float32"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model (score network, schedule and bound: one graph, each fused op one node in "
+                "it; whole-graph unless dropout > 0, the variance objective or torchrun need breaks); the first "
+                "step, compilation included, is timed on stderr. Off by default: on the CPUs measured it trains "
+                "slower than eager (benchmarks/RESULTS.md, 'Host overhead per call')"})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "CUDA only: capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA "
+                "graph after 3 eager steps and replay it with static inputs; where a step cannot be captured "
+                "(dropout > 0, torchrun, a host read or a batch of another shape) the run says so once and steps "
+                "eagerly"})
     dist_timeout: float = field(default=600.0, metadata={
         "help": "torchrun runs: seconds a collective waits for the other processes (and a signalled stop may "
                 "take) before this process gives up and ends the job"})
@@ -246,6 +256,9 @@ def resolve(overrides: dict) -> TrainConfig:
         raise ValueError(f"gamma_min must be < gamma_max, got {cfg.gamma_min} and {cfg.gamma_max}")
     if cfg.schedule_objective == "variance" and (cfg.schedule != "nnet" or cfg.T):
         raise ValueError("schedule_objective variance needs --schedule nnet and the continuous-time loss (--T 0)")
+    if cfg.cuda_graphs and cfg.device == "cpu":
+        raise ValueError("--cuda-graphs captures CUDA work: it needs --device cuda (or auto on a machine with a GPU), "
+                         "not --device cpu")
     if cfg.data != "digits" and not cfg.data_dir:
         raise ValueError(f"--data {cfg.data} needs --data-dir (nothing is downloaded)")
     return cfg

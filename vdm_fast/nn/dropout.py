@@ -10,6 +10,7 @@ gets the same mask whichever process holds it. Outside the context it is ``torch
 
 import contextlib
 import threading
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,15 +33,27 @@ def global_masks(seed: int, offset: int, global_batch: int):
 
 class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
-        masks = getattr(_state, "masks", None)
-        if masks is None or not self.training or self.p == 0.0:
+        if not self.training or self.p == 0.0:
             return super().forward(x)
-        call = masks["calls"]
-        masks["calls"] += 1
-        if x.shape[0] + masks["offset"] > masks["global_batch"]:
-            raise ValueError(f"a batch of {x.shape[0]} at offset {masks['offset']} does not fit the global batch "
-                             f"of {masks['global_batch']}")
-        gen = torch.Generator(x.device).manual_seed(mix(masks["seed"], call))
-        u = torch.rand((masks["global_batch"], *x.shape[1:]), generator=gen, device=x.device)
-        keep = u[masks["offset"]:masks["offset"] + x.shape[0]] >= self.p
+        keep = _global_keep(x, self.p)
+        if keep is None:
+            return super().forward(x)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+@torch.compiler.disable
+def _global_keep(x: Tensor, p: float) -> Optional[Tensor]:
+    """The keep mask of this process's rows inside ``global_masks`` (None outside it). Run
+    eagerly under ``torch.compile`` (a graph break): a generator seeded per call cannot be traced,
+    and eagerly it draws the masks an uncompiled step draws."""
+    masks = getattr(_state, "masks", None)
+    if masks is None:
+        return None
+    call = masks["calls"]
+    masks["calls"] += 1
+    if x.shape[0] + masks["offset"] > masks["global_batch"]:
+        raise ValueError(f"a batch of {x.shape[0]} at offset {masks['offset']} does not fit the global batch "
+                         f"of {masks['global_batch']}")
+    gen = torch.Generator(x.device).manual_seed(mix(masks["seed"], call))
+    u = torch.rand((masks["global_batch"], *x.shape[1:]), generator=gen, device=x.device)
+    return u[masks["offset"]:masks["offset"] + x.shape[0]] >= p

@@ -141,7 +141,8 @@ class VDM(nn.Module):
             return None
         if labels is None or labels.shape != (B,):
             raise ValueError(f"a class-conditional model needs labels of shape ({B},)")
-        if labels.min() < 0 or labels.max() > self.num_classes:
+        # Values are read in eager mode only (a host sync; a traced or captured step skips it).
+        if validate.values_readable(labels) and (labels.min() < 0 or labels.max() > self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: no class)")
         labels = labels.to(device)
         if self.training and self.label_dropout > 0:

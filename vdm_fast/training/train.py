@@ -13,6 +13,11 @@ had never stopped, and N processes compute what one process with the global batc
 Safety: one trainer per run folder (a lock), a checkpoint is never written with non-finite
 weights (a run whose update made them non-finite stops at once, exit status 1), and the last
 good checkpoint is never replaced by a worse one.
+
+Execution: ``--compile`` runs the model through ``torch.compile``; ``--cuda-graphs`` (CUDA) replays
+the whole step as one CUDA graph. Both compute what the eager step computes (up to float
+rounding), with the same checkpoints and guards; a machine that cannot run them is refused
+before anything is written.
 """
 
 import contextlib
@@ -96,6 +101,23 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_execution(cfg: TrainConfig) -> None:
+    """Refuse, before anything is written or trained, what this machine cannot run: --cuda-graphs
+    without a CUDA device, --compile without a torch.compile that works here (tried on a two-op
+    function: a missing C++ compiler or Triton shows there, not half-way through a run)."""
+    kind = _device_kind(cfg)
+    if cfg.cuda_graphs and kind != "cuda":
+        raise SystemExit("error: --cuda-graphs captures CUDA work, and no CUDA GPU is available: this run would "
+                         "train on the CPU (leave --cuda-graphs out)")
+    if cfg.compile:
+        try:
+            torch.compile(lambda v: v * 2.0 + 1.0, fullgraph=True)(torch.ones(4, device=kind))
+        except Exception as err:  # whatever the backend raises: the message is what the user needs
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise SystemExit(f"error: --compile needs a working torch.compile on {kind}, and it failed on a two-op "
+                             f"function ({type(err).__name__}: {reason}); leave --compile out") from None
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the final metrics.
 
@@ -103,6 +125,7 @@ def train(cfg: TrainConfig) -> dict:
     rank, the step and the error (and that the last good checkpoint is untouched), then raises
     ``JobFailed`` (status 1, the error as its cause); a stop by a signal that every rank agreed
     on raises ``SystemExit(128 + signum)`` as in a single process."""
+    _check_execution(cfg)
     job = Distributed(_device_kind(cfg), float(cfg.dist_timeout))
     lock = None
     try:
@@ -165,9 +188,37 @@ def _restore(cfg, ckpt_path, model, ema, optimizer, shape, vocab_size):
     return state["step"], state["skipped_steps"], float(time_s) if isinstance(time_s, (int, float)) else None
 
 
-def _weights_finite(params) -> bool:
-    """Whether every parameter is finite: one max-abs per tensor (NaN propagates), one sync."""
-    return bool(torch.stack(torch._foreach_norm(params, math.inf)).isfinite().all().item())
+# Eager steps before --cuda-graphs captures one: lazy initialisations (cuBLAS, the optimiser's
+# state, torch.compile's compilation) happen outside the capture, as CUDA graphs require.
+_WARMUP_STEPS = 3
+
+
+def _capture_obstacle(cfg: TrainConfig, job: Distributed) -> Optional[str]:
+    """Why this run's step cannot be one CUDA graph (None: it can be tried)."""
+    if job.world > 1:
+        return "a torchrun job's gradient all-reduce (DDP) is not captured"
+    if cfg.dropout > 0:
+        return (f"dropout ({cfg.dropout:g}) draws its masks from generators seeded per step, which a replayed graph "
+                "cannot reseed")
+    return None
+
+
+def _step_options(optimizer: torch.optim.Optimizer, captured: bool, device: torch.device) -> None:
+    """The optimiser's per-group options this run steps with, whatever a resumed checkpoint
+    recorded: under --cuda-graphs the learning rate lives in a device tensor (the captured graph
+    reads it; each step writes it in place) and the state is capturable; otherwise a float."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if captured else lr
+        group["capturable"] = captured
+
+
+def _plain_options(optimizer_state: dict) -> dict:
+    """An optimiser state to save: learning rates as floats (a --cuda-graphs run holds them in
+    device tensors; a resumed run puts them back as it steps, _step_options)."""
+    for group in optimizer_state["param_groups"]:
+        group["lr"] = float(group["lr"])
+    return optimizer_state
 
 
 class _Run:
@@ -209,6 +260,21 @@ class _Run:
         self.last_saved = self.step if cfg.resume else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if job.world > 1 else model
         self.sampler = BatchSampler(len(self.ds.train.images), cfg.batch_size, cfg.seed, job.rank, job.world)
+        # --compile: the forward through torch.compile, one graph where nothing needs a break
+        # (dropout's per-call generators, the variance objective's retained gradients and DDP's
+        # buckets do); the backward is compiled with it. The first step reports its time.
+        self.forward = self.ddp
+        if cfg.compile:
+            whole = job.world == 1 and cfg.dropout == 0 and cfg.schedule_objective == "elbo"
+            self.forward = torch.compile(self.ddp, fullgraph=whole)
+        self.first_step_timed = not cfg.compile
+        # --cuda-graphs: the step is captured after _WARMUP_STEPS eager steps and replayed.
+        obstacle = _capture_obstacle(cfg, job) if cfg.cuda_graphs else None
+        if obstacle and job.main:
+            print(f"--cuda-graphs: {obstacle}; every step runs eagerly", file=sys.stderr)
+        self.capture_at = self.step + _WARMUP_STEPS if cfg.cuda_graphs and not obstacle else None
+        _step_options(self.optimizer, self.capture_at is not None, self.device)
+        self.graph = None  # (CUDAGraph, static inputs, static results) once captured
 
     def elapsed(self) -> float:
         """``time_s``: seconds since the run first started, continued from the checkpoint's value
@@ -220,7 +286,7 @@ class _Run:
         return {
             "config": to_dict(self.cfg), "step": self.step, "skipped_steps": self.skipped, "time_s": self.elapsed(),
             "model": self.model.state_dict(), "ema": dict(zip(names, self.ema)),
-            "optimizer": self.optimizer.state_dict(), "image_shape": list(self.shape),
+            "optimizer": _plain_options(self.optimizer.state_dict()), "image_shape": list(self.shape),
             "vocab_size": self.ds.vocab_size, "num_classes": self.model.num_classes,
             "data_position": dict(zip(("epoch", "batch"), self.sampler.position(self.step))),
             # Every random draw is a function of (seed, step, global index): the whole RNG state.
@@ -249,21 +315,64 @@ class _Run:
     def train_step(self):
         """One optimiser step (skipped when non-finite); returns the forward's ``VDMOutput``,
         the objective per example and the gradient norm."""
-        cfg, model, step = self.cfg, self.model, self.step
+        start, cfg, step = time.perf_counter(), self.cfg, self.step
+        lr = learning_rate(cfg, step)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        # The batch and its noise: functions of (seed, step, global index).
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # on the device: a captured step reads it there
+            else:
+                group["lr"] = lr
+        inputs = self.step_inputs(step)
+        result = self._replay(inputs) if self.capture_at is not None and step >= self.capture_at else None
+        if result is None:
+            result = self._step(inputs)
+        out, objective, grad_norm, weights_finite = result
+        grad_norm = grad_norm.item()  # the step's one host read
+        if math.isfinite(grad_norm):
+            # A finite gradient can still make non-finite weights (a learning rate of 1e6):
+            # nothing can recover from that, so stop before anything is written.
+            if not weights_finite.item():
+                raise NonFiniteLoss(f"the update of step {step + 1} made the weights non-finite "
+                                    f"(learning rate {cfg.lr:g} too high?); stopping. {self.last_good()}")
+            self.bad_in_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_row += 1
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLoss(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
+                                    f"(step {step}); stopping. {self.last_good()}")
+        self.step += 1
+        if not self.first_step_timed:
+            self.first_step_timed = True
+            if self.job.main:
+                print(f"--compile: the first step took {time.perf_counter() - start:.1f} s, compilation included",
+                      file=sys.stderr)
+        return out, objective, grad_norm
+
+    def step_inputs(self, step: int) -> dict:
+        """The batch and its draws on the device (functions of (seed, step, global index)), and
+        the step itself (the dropout masks' seed)."""
+        cfg, device, conditional = self.cfg, self.device, bool(self.model.num_classes)
         idx = self.sampler.indices(step)
-        x = self.ds.train.images[idx].to(self.device)
-        labels = self.ds.train.labels[idx].to(self.device) if model.num_classes else None
         rows = slice(self.job.rank * self.sampler.local, (self.job.rank + 1) * self.sampler.local)
         t, eps, eps_0, drop_labels = draws.step_draws(cfg.seed, step, cfg.batch_size, self.shape,
                                                       antithetic=cfg.antithetic, label_dropout=cfg.label_dropout,
                                                       rows=rows)
+        return {"x": self.ds.train.images[idx].to(device), "t": t.to(device), "eps": eps.to(device),
+                "eps_0": eps_0.to(device), "labels": self.ds.train.labels[idx].to(device) if conditional else None,
+                "drop_labels": drop_labels.to(device) if conditional else None, "step": step, "rows": rows}
+
+    def _step(self, inputs: dict):
+        """Forward, backward, clipping, AdamW and EMA, with no host read, so that a CUDA graph can
+        capture it: a non-finite gradient skips the update on the device (the fused AdamW reads
+        ``found_inf`` and leaves the weights and its state as they were; the EMA's weight is
+        zero). Returns the output, the objective, the gradient norm and whether the weights are
+        all finite, the last two as tensors."""
+        cfg, model = self.cfg, self.model
         # Forward (through DDP, which all-reduces the gradients in the backward).
-        with global_masks(draws.dropout_seed(cfg.seed, step), rows.start, cfg.batch_size):
-            out = self.ddp(x, T=cfg.T, t=t, eps=eps.to(self.device), eps_0=eps_0.to(self.device), labels=labels,
-                           drop_labels=drop_labels if model.num_classes else None)
+        with global_masks(draws.dropout_seed(cfg.seed, inputs["step"]), inputs["rows"].start, cfg.batch_size):
+            out = self.forward(inputs["x"], T=cfg.T, t=inputs["t"], eps=inputs["eps"], eps_0=inputs["eps_0"],
+                               labels=inputs["labels"], drop_labels=inputs["drop_labels"])
         objective = model.objective(out)
         # Backward; the variance objective then replaces the schedule network's gradients with
         # those of the variance (set outside DDP's backward, so averaged over the processes here).
@@ -274,26 +383,47 @@ class _Run:
         # Clip. A non-finite loss anywhere makes the all-reduced gradient non-finite everywhere,
         # so every process takes the same decision from its gradient norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        grad_norm = grad_norm.item()
-        # Step and EMA (or skip the step).
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            # A finite gradient can still make non-finite weights (a learning rate of 1e6):
-            # nothing can recover from that, so stop before anything is written.
-            if not _weights_finite(self.params):
-                raise NonFiniteLoss(f"the update of step {step + 1} made the weights non-finite "
-                                    f"(learning rate {cfg.lr:g} too high?); stopping. {self.last_good()}")
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - cfg.ema)
-            self.bad_in_row = 0
-        else:
-            self.skipped += 1
-            self.bad_in_row += 1
-            if self.bad_in_row >= cfg.max_bad_steps:
-                raise NonFiniteLoss(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
-                                    f"(step {step}); stopping. {self.last_good()}")
-        self.step += 1
-        return out, objective, grad_norm
+        finite = torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        with torch.no_grad():  # ema += w (p - ema), w = 1 - decay, or 0 after a skipped step
+            delta = torch._foreach_sub([p.detach() for p in self.params], self.ema)
+            torch._foreach_mul_(delta, finite.to(self.ema[0].dtype) * (1.0 - cfg.ema))
+            torch._foreach_add_(self.ema, delta)
+        weights_finite = torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all()
+        return out, objective, grad_norm, weights_finite
+
+    def _replay(self, inputs: dict):
+        """--cuda-graphs: the step as the captured graph, captured at its first call; None where
+        it cannot be (the run then says why once, and every later step runs eagerly)."""
+        if self.graph is None:
+            static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    result = self._step(static)
+            except RuntimeError as err:  # a host read or an uncapturable op inside the step
+                return self._eager_from_now(f"step {self.step + 1} could not be captured "
+                                            f"({(str(err).strip().splitlines() or [''])[0]})")
+            self.graph = graph, static, result
+        graph, static, result = self.graph
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                if value.shape != static[name].shape:
+                    return self._eager_from_now(f"step {self.step + 1}'s {name} has shape {tuple(value.shape)}, the "
+                                                f"captured step's {tuple(static[name].shape)}")
+                static[name].copy_(value)
+            else:
+                static[name] = value
+        graph.replay()
+        return result
+
+    def _eager_from_now(self, reason: str):
+        if self.job.main:
+            print(f"--cuda-graphs: {reason}; this and every later step run eagerly", file=sys.stderr)
+        torch.cuda.synchronize(self.device)
+        self.capture_at, self.graph = None, None
+        return None
 
     def record(self, out, objective, grad_norm: float, images_per_s: float) -> dict:
         names = ("bpd", "objective", "reconstruction", "prior", "diffusion")
@@ -301,7 +431,7 @@ class _Run:
         values = self.job.mean(torch.stack([v.detach().float().mean() for v in per_example]).cpu())
         return {"step": self.step, "time_s": round(self.elapsed(), 3),
                 **{name: v.item() for name, v in zip(names, values)},
-                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "images_per_s": images_per_s,
+                "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm, "images_per_s": images_per_s,
                 "skipped_steps": self.skipped}
 
 
