@@ -39,7 +39,7 @@ def poisoned(monkeypatch):
 
 
 # The trained runs the tests share: TINY runs on the digits without samples and with one test
-# batch, trained once a session in a subprocess and only read by the tests.
+# batch, trained once per pytest run in a subprocess and only read by the tests.
 def _train(folder, steps: int, *extra):
     args = ["--out-dir", str(folder), "--steps", str(steps), *TINY, "--sample-n", "0", "--eval-batches", "1", *extra]
     proc = run_cli("vdm_fast.training.train", args, env=ONE_THREAD)
