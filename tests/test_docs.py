@@ -160,7 +160,8 @@ def _expand(path):
 
 def test_every_file_the_docs_name_exists():
     """Paths in inline code: from the repository root (``tests/...``, ``csrc/...``), inside the
-    package (``reference/loss.py:diffuse``), or a test or benchmark by its file name."""
+    package (``reference/loss.py:diffuse``) or its tests (``ops/test_loss.py``), or a test or
+    benchmark by its file name."""
     checked = 0
     for page in PAGES:
         for code in re.findall(r"`([^`\n]+)`", page.read_text()):
@@ -170,7 +171,8 @@ def test_every_file_the_docs_name_exists():
             if re.fullmatch(r"(tests|benchmarks|csrc|kernels|vdm_fast|examples|docs|\.ci)/[\w./{},-]+", path):
                 paths = _expand(path)
             elif re.fullmatch(r"(reference|ops|diffusion|nn|training|codec|io|integrations)/[\w.{},]+", path):
-                paths = ["vdm_fast/" + p for p in _expand(path)]
+                # a module of the package, or the tests of one (tests/<package>/test_<module>.py)
+                paths = [("tests/" if p.split("/")[-1].startswith("test_") else "vdm_fast/") + p for p in _expand(path)]
             elif re.fullmatch(r"bench_\w+\.py", path):
                 paths = ["benchmarks/" + path]
             elif re.fullmatch(r"test_\w+\.py", path):
