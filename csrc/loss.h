@@ -1,4 +1,4 @@
-// Reconstruction loss of VDM (docs/design.md, "The math"): the per-element math of the C++ CPU
+// Reconstruction loss of VDM (docs/design/math.md): the per-element math of the C++ CPU
 // kernels (loss.cpp), which the Triton kernels (kernels/loss.py) mirror.
 //
 // For an element with data value x, rescaled latent z = f + exp(gamma/2) eps and precision

@@ -1,4 +1,4 @@
-// GroupNorm (+ conditioning add, + swish) of the U-Net, fused (docs/design.md, "The math"): the
+// GroupNorm (+ conditioning add, + swish) of the U-Net, fused (docs/design/math.md): the
 // C++ CPU kernels (norm.cpp), which the Triton kernels (kernels/norm.py) mirror.
 //
 // Per example b and group g of N = (C / G) * HW elements, with v = x + cond[b, c]:

@@ -6,8 +6,8 @@
 namespace vdm {
 
 // Work, in elements, below which a kernel's loop runs on the calling thread alone: an OpenMP
-// parallel region costs microseconds (even one whose if clause is false still builds a team),
-// more than its threads save on a small tensor (the grain torch's own CPU kernels use,
+// parallel region (even one whose if clause is false still builds a team) costs more than its
+// threads save on a small tensor (the grain torch's own CPU kernels use,
 // at::internal::GRAIN_SIZE). Results do not depend on it: every kernel's items are independent
 // and reduced in a fixed order.
 constexpr int64_t kParallelGrain = 32768;

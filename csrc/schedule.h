@@ -1,4 +1,4 @@
-// The learned monotone noise schedule of VDM (docs/design.md, "The math"), fused: gamma(t), its
+// The learned monotone noise schedule of VDM (docs/design/math.md), fused: gamma(t), its
 // time derivative, and in one backward pass the gradients of both with respect to t and to every
 // parameter, analytically (no autograd graph, no double backward).
 //

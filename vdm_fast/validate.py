@@ -3,7 +3,7 @@ message that names the argument and says what was expected (docs/guide/ops.md, "
 
 Shapes, dtypes and devices are checked on every call, traced or not, with tensor attributes
 only (no torch op, no device object built where a flag answers), so the checks of a call cost
-about a microsecond on the host (docs/design.md, "Host cost per call"). Checks of the *values*
+little on the host (docs/design/backend.md, "Host cost per call"; benchmarks/bench_overhead.py). Checks of the *values*
 (images in range, times in [0, 1]) read data, which needs a host sync: they run in eager mode
 and are skipped inside ``torch.compile`` and CUDA-graph capture, where the kernels themselves
 turn an invalid value into NaN instead (``reconstruction_loss``), so it cannot pass unnoticed."""

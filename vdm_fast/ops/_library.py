@@ -12,8 +12,8 @@ The call (``KernelOp.__call__``): a plain eager call runs the device's kernel fu
 through a ``torch.autograd.Function`` made of the same autograd formula when a gradient is
 wanted; every other call goes through the registered op. The dispatcher's two round trips into
 Python (the autograd kernel, then the device kernel) and the ``torch.library`` autograd wrapper
-cost several times the C++ kernel of a small tensor and more than the plain PyTorch the op
-replaces (docs/design.md, "Host cost per call"). "Plain" means: not traced by ``torch.compile``,
+cost more than the C++ kernel of a small tensor and than the plain PyTorch the op replaces
+(docs/design/backend.md, "Host cost per call"; benchmarks/bench_overhead.py measures it). "Plain" means: not traced by ``torch.compile``,
 no dispatch mode (``make_fx``, fake tensors, ``FlopCounterMode``, ``opcheck``'s checks), no torch
 function mode (``torch.device`` as a context, ``set_default_device``), no ``torch.func``
 transform, and every argument an ordinary tensor or parameter or a Python scalar. Both paths run
@@ -141,7 +141,7 @@ def kernel_op(name: str, family: str, *, cpu=None, triton=None) -> KernelOp:
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``: ``t`` itself where it already is (``.to`` returns it too, but through
-    a dispatch that costs a microsecond or more on the host, on every call)."""
+    a dispatch on the host, on every call: benchmarks/bench_overhead.py)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
