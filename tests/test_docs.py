@@ -6,7 +6,8 @@
   names a subcommand whose ``--help`` exits 0 and lists every flag the docs give it; each
   ``python -m``/``torchrun -m`` module exists (and, where it is a subcommand's, takes the flags);
   each script path exists; each ``pip install`` extra is in pyproject.toml.
-- Every file the docs name in inline code exists, the Python snippets run, the public objects the
+- Every file the docs name in inline code exists, every page (and section) the code points to
+  exists, the Python snippets run, the public objects the
   API reference shows have docstrings, and the figures docs/figures.py draws are the ones
   RESULTS.md records.
 """
@@ -185,6 +186,28 @@ def test_every_file_the_docs_name_exists():
                 assert (ROOT / p).exists(), f"{page.relative_to(ROOT)}: `{code}` names {p}, which does not exist"
                 checked += 1
     assert checked >= 50
+
+
+# A pointer from code to a page, with the section it names if any: (docs/design/math.md),
+# (benchmarks/RESULTS.md, "Attention block"), RESULTS.md ("The first run").
+POINTER = re.compile(r"((?:docs/[\w/.-]+|(?:benchmarks/)?RESULTS)\.md)[`']*(?:(?:,|\s\()\s*(?:#|//)?\s*"
+                     r"[\"'](?P<section>[^\"'\n]+)[\"'])?")
+
+
+def test_the_code_points_to_pages_and_sections_that_exist():
+    sources = [*ROOT.glob("vdm_fast/**/*.py"), *ROOT.glob("kernels/*.py"), *ROOT.glob("csrc/*.[ch]*"),
+               *ROOT.glob("benchmarks/*.py"), ROOT / "setup.py", *ROOT.glob("tests/**/*.py"), *ROOT.glob("docs/*.py")]
+    checked = 0
+    for source in sources:
+        for m in POINTER.finditer(source.read_text()):
+            page = ROOT / (m.group(1) if "/" in m.group(1) else "benchmarks/RESULTS.md")
+            where = f"{source.relative_to(ROOT)}: {m.group(0)!r}"
+            assert page.is_file(), f"{where}: no page {page.relative_to(ROOT)}"
+            if m.group("section"):
+                headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+                assert any(h.startswith(m.group("section")) for h in headings), f"{where}: no such section"
+            checked += 1
+    assert checked >= 15
 
 
 def test_the_readme_keeps_the_markers_that_ci_reads():
