@@ -1,4 +1,4 @@
-"""A new user's first commands, run from a source checkout's root (issue 27).
+"""A new user's first commands, run from a source checkout's root.
 
 ``python -m`` and ``python -c`` put the working directory first on ``sys.path``: from the root
 of a fresh clone, the source ``vdm_fast/`` (no compiled ``_C``, no ``vdm_fast.kernels``) would
