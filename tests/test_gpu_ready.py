@@ -1,4 +1,4 @@
-"""Ready for the card before it comes (issue #28): what only a GPU would show, checked here.
+"""Ready for the card before it comes: what only a GPU would show, checked here.
 
 - Every Triton launch runs inside a device guard entered with its tensors' device (a launch
   runs on the *current* device and stream, triton-lang/triton#2441), and no launch puts more
