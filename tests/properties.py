@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from vdm_fast import ops
 from vdm_fast import reference as ref
+from vdm_fast.diffusion import pixels
 
 DTYPES = (torch.float32, torch.float64)
 # The tolerance at the extremes: relative to the example's largest magnitude, as the parity tests.
@@ -241,7 +242,7 @@ def _vlb_reference(x, eps, pred, eps_0, g_t, g_0, g_1, *, dgamma_dt=None, gamma_
     else:
         diffusion = ref.loss.diffusion_loss(eps, pred, dgamma_dt)
     total = ref.loss.reconstruction_loss(x, eps_0, g_0.expand(B)) + ref.loss.prior_loss(f, g_1.expand(B)) + diffusion
-    return ops.VLBTerms(None, None, None, ref.loss.bits_per_dim(total, x[0].numel()))
+    return ops.VLBTerms(None, None, None, pixels.bits_per_dim(total, x[0].numel()))
 
 
 @given(B=st.integers(1, 9), n=st.integers(1, 40), dtype=dtypes, special=special, data=st.data())

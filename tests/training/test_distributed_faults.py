@@ -29,13 +29,13 @@ import os, shutil, signal, sys, time
 from pathlib import Path
 
 import vdm_fast.training.train as T
-from vdm_fast.nn import vdm as vdm_module
+from vdm_fast.ops import loss as ops_loss  # the model's bound is composed there (ops.vlb_terms)
 
 FAULT, RANK, STEP = os.environ["FAULT"], int(os.environ["FAULT_RANK"]), int(os.environ["FAULT_STEP"])
 MARK, COPIES = Path(os.environ["FAULT_MARK"]), Path(os.environ["FAULT_COPIES"])
 poisoned = False
 
-real_loss = vdm_module.ops.diffusion_loss
+real_loss = ops_loss.diffusion_loss
 
 
 def diffusion_loss(*args, **kwargs):
@@ -43,7 +43,7 @@ def diffusion_loss(*args, **kwargs):
     return loss * float("nan") if poisoned else loss
 
 
-vdm_module.ops.diffusion_loss = diffusion_loss
+ops_loss.diffusion_loss = diffusion_loss
 real_step, real_save = T._Run.train_step, T._Run.save_checkpoint
 
 

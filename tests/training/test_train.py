@@ -167,9 +167,9 @@ def test_resume_refuses_missing_corrupt_and_incompatible_checkpoints(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     """Steps from the 5th on produce NaN: they are skipped and counted, the run stops after
     max_bad_steps of them, and the checkpoint of step 4 stays intact."""
-    from vdm_fast.nn import vdm as vdm_module
+    from vdm_fast.ops import loss as ops_loss  # the model's bound is composed there (ops.vlb_terms)
 
-    real = vdm_module.ops.diffusion_loss
+    real = ops_loss.diffusion_loss
     calls = {"n": 0}
 
     def poisoned_loss(*args, **kwargs):
@@ -177,7 +177,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(vdm_module.ops, "diffusion_loss", poisoned_loss)
+    monkeypatch.setattr(ops_loss, "diffusion_loss", poisoned_loss)
     cfg = config.parse_args(["--out-dir", str(tmp_path), "--steps", "20", "--ckpt-every", "4",
                              "--max-bad-steps", "3", *TINY])
     with pytest.raises(train.NonFiniteLoss, match="3 steps in a row.*untouched"):
