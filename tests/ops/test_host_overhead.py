@@ -109,7 +109,10 @@ def test_whatever_observes_the_call_sees_the_registered_op(mode):
     x, w, b = torch.randn(2, 8, 3, 3, requires_grad=True), torch.randn(8), torch.randn(8)
     with mode() as m:
         ops.group_norm_silu(x, w, b, 4).sum().backward()
-    assert {"vdm_fast.group_norm_silu.default", "vdm_fast.group_norm_silu_backward.default"} <= m.seen
+    expected = {"vdm_fast.group_norm_silu.default"}
+    if mode is _SeenOps:  # a torch function mode is not consulted inside the autograd engine's backward
+        expected.add("vdm_fast.group_norm_silu_backward.default")
+    assert expected <= m.seen
     assert not any("empty_like" in name for name in m.seen)  # the kernel's allocations stayed inside the op
 
 
