@@ -4,7 +4,8 @@
 # $OUT (or ./gpu-results) for benchmarks/RESULTS.md, with summary.md saying how each step ended.
 #   bash benchmarks/gpu_check.sh            (BUDGET_S=540 by default: the whole run's seconds)
 #
-# $OUT gets at most 8 files back, so steps of one benchmark share a log (appended).
+# $OUT gets at most 8 files back, so steps of one topic share a log (appended): the schedule op
+# and the ops' host cost per call in bench_ops.md, the training steps in bench_train.md.
 #
 # A step that fails or runs out of time is recorded and the next one still runs: one broken
 # kernel must not cost the timings of the others on a card lent for minutes. Each step gets at
@@ -52,12 +53,22 @@ step build 180 build.log bash -c "$py -m pip install -v --no-build-isolation --n
 # The users' self-test first: every op on the card against its reference, one table.
 step self-test 60 cuda_tests.txt "$py" -P -m vdm_fast.check --device cuda
 step cuda-tests 180 cuda_tests.txt "$py" -P -m pytest -q -m cuda -p no:cacheprovider
+# Host microseconds per call of every op (the launch loop, synchronised outside the clock) beside
+# plain torch and the reference, and the CIFAR-10 U-Net's forward + backward on a 1x3x2x2 input,
+# fused against the reference (eager: compiling the 32-block U-Net twice would take the budget).
+step bench_overhead 90 bench_ops.md "$py" benchmarks/bench_overhead.py --device cuda --rounds 9 --no-compile
+# The driver's CIFAR-10 step (128 channels, 32 blocks, bf16, batch 128, dropout 0: random images
+# of the shape), eager against --cuda-graphs; --compile last, as the most expensive.
+step bench_step 90 bench_train.md "$py" benchmarks/bench_step.py --model cifar10 --device cuda \
+    --variants eager cuda-graphs --steps 5 --rounds 3 --warmup 4
 # The attention kernels' tile variants and SDPA side by side (kernels/attention_tiles.py): its
 # last lines are the DEFAULT entries to write. In bench_unet.md (the U-Net's blocks' log): $OUT
 # takes 8 files.
-step bench_attention_tiles 150 bench_unet.md "$py" benchmarks/bench_attention_tiles.py --budget-s 110
-step bench_schedule 60 bench_schedule.md "$py" benchmarks/bench_schedule.py --device cuda
+step bench_attention_tiles 120 bench_unet.md "$py" benchmarks/bench_attention_tiles.py --budget-s 80
+step bench_schedule 60 bench_ops.md "$py" benchmarks/bench_schedule.py --device cuda
 step bench_loss 150 bench_loss.md "$py" benchmarks/bench_loss.py --device cuda --ref-limit-gb 100
 step bench_unet 150 bench_unet.md "$py" benchmarks/bench_unet.py
 step bench_train 90 bench_train.md "$py" benchmarks/bench_train.py --device cuda --schedules nnet
+step bench_step_compile 180 bench_train.md "$py" benchmarks/bench_step.py --model cifar10 --device cuda \
+    --variants eager compile --steps 5 --rounds 3 --warmup 2
 cat "$out/summary.md"
