@@ -109,65 +109,100 @@ VDM_CLONES void normalise(const T* x, const A* scale, const A* shift, T* y, int6
   }
 }
 
-// s1[c] = sum_i du, s2[c] = sum_i du xhat, with u = x scale + shift, xhat = x xa + xb.
+// du = dy silu'(u) (or dy), u = x scale + shift, for the runs [r0, r1) into buf, in their order:
+// the affine map a run at a time, the swish's derivative over the whole block (one long loop).
+template <bool CL, bool SILU, typename T, typename A>
+inline void block_du(const T* x, const T* dy, const A* scale, const A* shift, int64_t len, int64_t r0, int64_t r1,
+                     A* buf) {
+  if constexpr (SILU) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* in = x + r * len;
+      A* out = buf + (r - r0) * len;
+      if constexpr (CL) {
+#pragma omp simd
+        for (int64_t c = 0; c < len; ++c) out[c] = IO<T>::load(in[c]) * scale[c] + shift[c];
+      } else {
+        const A sc = scale[r], sh = shift[r];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = IO<T>::load(in[i]) * sc + sh;
+      }
+    }
+  }
+  const T* d = dy + r0 * len;
+  const int64_t n = (r1 - r0) * len;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = SILU ? IO<T>::load(d[i]) * silu_grad(buf[i]) : IO<T>::load(d[i]);
+}
+
+// s1[c] = sum_i du, s2[c] = sum_i du xhat, with xhat = x xa + xb; du a block of runs at a time
+// (block_du; buf as normalise's).
 template <bool CL, bool SILU, typename T, typename A>
 VDM_CLONES void grad_sums(const T* x, const T* dy, const A* scale, const A* shift, const A* xa, const A* xb,
-                          int64_t C, int64_t HW, double* s1, double* s2) {
-  if constexpr (CL) {
+                          int64_t C, int64_t HW, double* s1, double* s2, A* buf) {
+  const int64_t runs = CL ? HW : C, len = CL ? C : HW;
+  const int64_t per_block = len >= kRun ? 1 : kRun / len;
+  if constexpr (CL)
     for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
-    for (int64_t i = 0; i < HW; ++i)
+  for (int64_t r0 = 0; r0 < runs; r0 += per_block) {
+    const int64_t r1 = r0 + per_block < runs ? r0 + per_block : runs;
+    block_du<CL, SILU>(x, dy, scale, shift, len, r0, r1, buf);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * len;
+      const A* du = buf + (r - r0) * len;
+      if constexpr (CL) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = IO<T>::load(x[i * C + c]), d = IO<T>::load(dy[i * C + c]);
-        const A du = SILU ? d * silu_grad(v * scale[c] + shift[c]) : d;
-        s1[c] += double(du);
-        s2[c] += double(du * (v * xa[c] + xb[c]));
-      }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const A sc = scale[c], sh = shift[c], a = xa[c], b = xb[c];
-      double t1 = 0, t2 = 0;
+        for (int64_t c = 0; c < len; ++c) {
+          s1[c] += double(du[c]);
+          s2[c] += double(du[c] * (IO<T>::load(xr[c]) * xa[c] + xb[c]));
+        }
+      } else {
+        const A a = xa[r], b = xb[r];
+        double t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t1, t2)
-      for (int64_t i = 0; i < HW; ++i) {
-        const A v = IO<T>::load(x[c * HW + i]), d = IO<T>::load(dy[c * HW + i]);
-        const A du = SILU ? d * silu_grad(v * sc + sh) : d;
-        t1 += double(du);
-        t2 += double(du * (v * a + b));
+        for (int64_t i = 0; i < len; ++i) {
+          t1 += double(du[i]);
+          t2 += double(du[i] * (IO<T>::load(xr[i]) * a + b));
+        }
+        s1[r] = t1;
+        s2[r] = t2;
       }
-      s1[c] = t1;
-      s2[c] = t2;
     }
   }
 }
 
-// dx = du k1[c] + k0[c] + xhat kx[c]; sums[c] = sum_i dx (before rounding to T).
+// dx = du k1[c] + k0[c] + xhat kx[c]; sums[c] = sum_i dx (before rounding to T); du as in grad_sums.
 template <bool CL, bool SILU, typename T, typename A>
 VDM_CLONES void input_grad(const T* x, const T* dy, const A* scale, const A* shift, const A* xa, const A* xb,
-                           const A* k1, const A* k0, const A* kx, T* dx, int64_t C, int64_t HW, double* sums) {
-  if constexpr (CL) {
+                           const A* k1, const A* k0, const A* kx, T* dx, int64_t C, int64_t HW, double* sums, A* buf) {
+  const int64_t runs = CL ? HW : C, len = CL ? C : HW;
+  const int64_t per_block = len >= kRun ? 1 : kRun / len;
+  if constexpr (CL)
     for (int64_t c = 0; c < C; ++c) sums[c] = 0;
-    for (int64_t i = 0; i < HW; ++i)
+  for (int64_t r0 = 0; r0 < runs; r0 += per_block) {
+    const int64_t r1 = r0 + per_block < runs ? r0 + per_block : runs;
+    block_du<CL, SILU>(x, dy, scale, shift, len, r0, r1, buf);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * len;
+      T* dxr = dx + r * len;
+      const A* du = buf + (r - r0) * len;
+      if constexpr (CL) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = IO<T>::load(x[i * C + c]), d = IO<T>::load(dy[i * C + c]);
-        const A du = SILU ? d * silu_grad(v * scale[c] + shift[c]) : d;
-        const A g = du * k1[c] + k0[c] + (v * xa[c] + xb[c]) * kx[c];
-        IO<T>::put(dx, i * C + c, g);
-        sums[c] += double(g);
-      }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const A sc = scale[c], sh = shift[c], a = xa[c], b = xb[c], q1 = k1[c], q0 = k0[c], qx = kx[c];
-      double t = 0;
+        for (int64_t c = 0; c < len; ++c) {
+          const A g = du[c] * k1[c] + k0[c] + (IO<T>::load(xr[c]) * xa[c] + xb[c]) * kx[c];
+          IO<T>::put(dxr, c, g);
+          sums[c] += double(g);
+        }
+      } else {
+        const A a = xa[r], b = xb[r], q1 = k1[r], q0 = k0[r], qx = kx[r];
+        double t = 0;
 #pragma omp simd reduction(+ : t)
-      for (int64_t i = 0; i < HW; ++i) {
-        const A v = IO<T>::load(x[c * HW + i]), d = IO<T>::load(dy[c * HW + i]);
-        const A du = SILU ? d * silu_grad(v * sc + sh) : d;
-        const A g = du * q1 + q0 + (v * a + b) * qx;
-        IO<T>::put(dx, c * HW + i, g);
-        t += double(g);
+        for (int64_t i = 0; i < len; ++i) {
+          const A g = du[i] * q1 + q0 + (IO<T>::load(xr[i]) * a + b) * qx;
+          IO<T>::put(dxr, i, g);
+          t += double(g);
+        }
+        sums[r] = t;
       }
-      sums[c] = t;
     }
   }
 }
@@ -238,10 +273,11 @@ void backward_example(const T* dy, const T* x, const T* cond, const compute_t<T>
     scale[c] = A(r * double(w[c]));  // u = x scale + shift
     shift[c] = A(double(b[c]) + o * r * double(w[c]));
   }
+  std::vector<A> buf(std::max<int64_t>(kRun, CL ? C : HW));
   if (silu)
-    grad_sums<CL, true>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw);
+    grad_sums<CL, true>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw, buf.data());
   else
-    grad_sums<CL, false>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw);
+    grad_sums<CL, false>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), C, HW, db, dw, buf.data());
   for (int64_t g = 0; g < G; ++g) {
     double a = 0, bb = 0;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
@@ -259,10 +295,10 @@ void backward_example(const T* dy, const T* x, const T* cond, const compute_t<T>
   std::vector<double> sums(C);  // sum_hw dv: the conditioning's gradient
   if (silu)
     input_grad<CL, true>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), k1.data(), k0.data(), kx.data(),
-                         dx, C, HW, sums.data());
+                         dx, C, HW, sums.data(), buf.data());
   else
     input_grad<CL, false>(x, dy, scale.data(), shift.data(), xa.data(), xb.data(), k1.data(), k0.data(), kx.data(),
-                          dx, C, HW, sums.data());
+                          dx, C, HW, sums.data(), buf.data());
   if (dcond)
     for (int64_t c = 0; c < C; ++c) IO<T>::put(dcond, c, A(sums[c]));
 }
