@@ -328,7 +328,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=21, help="interleaved rounds (the median is reported)")
     parser.add_argument("--target-ms", type=float, default=5.0, help="length of one op's timing loop")
     parser.add_argument("--unet-layers", type=int, default=32, help="ResNet blocks down (32: the CIFAR-10 model)")
-    parser.add_argument("--unet-rounds", type=int, default=5)
+    parser.add_argument("--unet-rounds", type=int, default=9)
+    parser.add_argument("--unet-target-s", type=float, default=1.0, help="length of one U-Net timing loop")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd U-Nets")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-ops", action="store_true")
@@ -362,7 +363,7 @@ def main(argv=None):
         record["registrations"] = rows
     if not args.skip_unet:
         cases = unet_cases(device, args.unet_layers, not args.no_compile)
-        times, first = measure(cases, device, args.unet_rounds, 0.2)
+        times, first = measure(cases, device, args.unet_rounds, args.unet_target_s)
         rows = unet_rows(cases, times, first)
         print("\nU-Net forward + backward, host milliseconds (median of interleaved rounds):\n")
         print(table(rows, ["model", "implementation", "ms", "/ reference", "first call s"]))
