@@ -18,22 +18,31 @@ from torch import Tensor, nn
 from vdm_fast.seeds import mix
 
 _state = threading.local()
+# How many global_masks contexts are open, in any thread: at 0 a Dropout skips the thread's state
+# (and torch.compile traces it as torch's dropout, with no graph break).
+_open = 0
+_open_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def global_masks(seed: int, offset: int, global_batch: int):
     """Masks of the Dropouts called inside are functions of ``(seed, call index, offset + row)``."""
+    global _open
     previous = getattr(_state, "masks", None)
     _state.masks = {"seed": seed, "offset": offset, "global_batch": global_batch, "calls": 0}
+    with _open_lock:
+        _open += 1
     try:
         yield
     finally:
+        with _open_lock:
+            _open -= 1
         _state.masks = previous
 
 
 class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or self.p == 0.0 or not _open:
             return super().forward(x)
         keep = _global_keep(x, self.p)
         if keep is None:
