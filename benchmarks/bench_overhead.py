@@ -1,6 +1,7 @@
 """Host cost per call: every public op on tiny tensors beside the plain PyTorch it replaces and
 beside the reference backend, and the CIFAR-10 U-Net's forward + backward, fused against the
-reference and against ``torch.compile`` of each.
+reference and against ``torch.compile`` of each, and the floor any GroupNorm+SiLU kernel can reach
+there: the reference's step with every GroupNorm+SiLU free (``without_group_norms``).
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--rounds N] [--json PATH]
                                         [--unet-layers L] [--no-compile] [--skip-unet]
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from vdm_fast import backend, ops
 from vdm_fast.diffusion import pixels
+from vdm_fast.nn.blocks import AttnBlock, GroupNormSiLU
 from vdm_fast.nn.unet import ScoreUNet
 from vdm_fast.reference import attention as ref_attention
 from vdm_fast.reference import loss as ref_loss
@@ -235,6 +237,31 @@ def registration_cases(device) -> list:
     return cases
 
 
+FLOOR = "GroupNorm+SiLU free (floor)"
+
+
+class _ConditioningOnly(torch.nn.Module):
+    """A GroupNorm+SiLU that costs nothing: its input (plus the conditioning it adds), unnormalised."""
+
+    def forward(self, x, cond=None):
+        return x if cond is None else x + cond[:, :, None, None]
+
+
+def without_group_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` with every ``GroupNormSiLU`` module replaced by ``_ConditioningOnly``
+    (the attention block's own GroupNorm, inside its fused op, stays). The convolutions' host
+    time does not depend on the values, so the copy's step time is what the step would cost
+    with a GroupNorm+SiLU of zero cost."""
+    net = copy.deepcopy(net)
+    for module in list(net.modules()):
+        if isinstance(module, AttnBlock):
+            continue
+        for name, child in module.named_children():
+            if isinstance(child, GroupNormSiLU):
+                setattr(module, name, _ConditioningOnly())
+    return net
+
+
 def unet_cases(device, layers: int, compile_too: bool) -> list:
     """The CIFAR-10 score network (128 channels, ``layers`` ResNet blocks down) on a 1x3x2x2
     input, forward + backward (gradients set to None before each), fused and reference, eager
@@ -256,6 +283,10 @@ def unet_cases(device, layers: int, compile_too: bool) -> list:
         if compile_too:
             impls[f"{name}, compiled"] = step(torch.compile(copy.deepcopy(net), fullgraph=True))
             contexts[f"{name}, compiled"] = contexts[name]
+    # The floor a GroupNorm+SiLU kernel can reach: the step with every one of them free.
+    # Under the reference backend, as the reference's step, so the two differ by the GroupNorms alone.
+    impls[FLOOR] = step(without_group_norms(net))
+    contexts[FLOOR] = contexts["reference"]
     return [Case(f"ScoreUNet(128, {layers}) on 1x3x2x2", "forward+backward", impls, contexts)]
 
 
