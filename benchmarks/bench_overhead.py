@@ -33,9 +33,7 @@ import contextlib
 import copy
 import json
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -345,14 +343,6 @@ def unet_rows(cases, times, first) -> list:
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -371,7 +361,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)
-    where = (device_name(device) if device.type == "cuda" else f"{cpu_model()}, 1 thread")
+    where = device_name(device)
     print(f"{time.strftime('%Y-%m-%d')} · {where} · torch {torch.__version__} · "
           f"{backend.describe('norm', device, torch.float32)} GroupNorm")
     record = {"device": where, "torch": torch.__version__, "ops": [], "unet": []}

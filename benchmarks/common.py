@@ -5,6 +5,7 @@ in one run, timed and its peak memory measured the same way, reported as ratios 
 import math
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -142,9 +143,19 @@ def copy_bandwidth(device, nbytes=1 << 28):
 
 
 def device_name(device):
+    """The card, or the CPU's model (lscpu's "Model name") and the threads torch uses."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def header(title, device):
