@@ -500,9 +500,9 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
         curves = plots.final(run.model, result)  # the model now holds the EMA weights
         plots.close()
         if curves is not None:
-            print(f"learning curves:                         {curves}  (python -m vdm_fast.training.curves RUN_DIR redraws)")
+            print(f"{'learning curves:':<41}{curves}  (vdm-fast curves RUN_DIR redraws them)")
         if cfg.tensorboard:
-            print(f"tensorboard:                             tensorboard --logdir {out / 'tensorboard'}")
+            print(f"{'tensorboard:':<41}tensorboard --logdir {out / 'tensorboard'}")
     return result
 
 
@@ -527,15 +527,15 @@ def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = 
         stepped = bpd(cfg.eval_T)
         report.update({f"test_bpd_T{cfg.eval_T}": stepped["bpd"], f"test_bpd_T{cfg.eval_T}_se": stepped["se"]})
         lines.append(f"test bpd (T={cfg.eval_T}):                  {stepped['bpd']:.4f} +- {stepped['se']:.4f}")
-    lines.append(f"per-pixel histogram baseline:            {report['histogram_bpd']:.4f}")
+    lines.append(f"{'per-pixel histogram baseline:':<41}{report['histogram_bpd']:.4f}")
     if cfg.sample_n:
         model.eval()
         labels = torch.arange(cfg.sample_n, device=device) % model.num_classes if model.num_classes else None
         images = model.sample(cfg.sample_n, cfg.sample_T, generator=torch.Generator(device).manual_seed(cfg.seed),
                               labels=labels, guidance=cfg.guidance)
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
-        lines.append(f"samples (T={cfg.sample_T}):                     {out / 'samples.png'}  "
-                     f"(--sample-T; python -m vdm_fast.training.sample defaults to T=1000)")
+        lines.append(f"{f'samples (T={cfg.sample_T}):':<41}{out / 'samples.png'}  "
+                     f"(--sample-T; vdm-fast sample defaults to T=1000)")
     (out / "result.json").write_text(json.dumps(report if step is None else {"step": step, **report}, indent=2) + "\n")
     print("\n".join(lines))
     return report
