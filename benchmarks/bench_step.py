@@ -11,7 +11,7 @@ guards), the same model, batch, seed and steps for every variant.
 (only the shapes matter to the time), dropout 0: with dropout, ``--cuda-graphs`` steps eagerly
 (its masks' generators cannot be captured), and eager against captured is what is measured.
 
-Each variant is its own run (``_Run``, in a temporary folder); its first step is timed alone
+Each variant is its own run (``Run``, in a temporary folder); its first step is timed alone
 (compilation; under ``--cuda-graphs`` the capture comes after 3 eager steps), then it warms up,
 then rounds of ``--steps`` steps alternate between the variants (a shared machine's drifting
 speed falls on all alike) and the median round gives the step time: wall clock, the device
@@ -31,7 +31,7 @@ import torch
 
 from vdm_fast.config import parse_args
 from vdm_fast.training.distributed import Distributed
-from vdm_fast.training.train import _Run
+from vdm_fast.training.train import Run
 
 try:
     from benchmarks.common import device_name, sync, table
@@ -77,7 +77,7 @@ def main(argv=None):
         for name in variants:
             cfg = parse_args([*flags, *VARIANTS[name], "--out-dir", str(folder / name)])
             (folder / name).mkdir()
-            runs[name] = _Run(cfg, Distributed(device.type))
+            runs[name] = Run(cfg, Distributed(device.type))
             start = time.perf_counter()
             runs[name].train_step()
             sync(device)

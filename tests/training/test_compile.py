@@ -23,7 +23,7 @@ STEPS = 20
 def _run(tmp_path, name, *flags):
     cfg = config.parse_args([*TINY, "--out-dir", str(tmp_path / name), *flags])
     (tmp_path / name).mkdir(exist_ok=True)
-    return train._Run(cfg, Distributed("cpu"))
+    return train.Run(cfg, Distributed("cpu"))
 
 
 def _steps(run, n):
@@ -87,14 +87,14 @@ def test_compiled_steps_keep_the_non_finite_guards(tmp_path, monkeypatch):
     _steps(run, 4)
     weights, ema = [p.detach().clone() for p in run.params], [e.clone() for e in run.ema]
     adam = [s["exp_avg"].clone() for s in run.optimizer.state.values()]
-    clean = train._Run.step_inputs
+    clean = train.Run.step_inputs
 
     def poisoned(self, step):
         inputs = clean(self, step)
         inputs["eps"][0, 0, 0, 0] = math.nan
         return inputs
 
-    monkeypatch.setattr(train._Run, "step_inputs", poisoned)
+    monkeypatch.setattr(train.Run, "step_inputs", poisoned)
     for _ in range(2):
         _, _, grad_norm = run.train_step()
         assert not math.isfinite(grad_norm)

@@ -1,9 +1,9 @@
 """A failure stays on its rank and ends the job (2 gloo processes under torchrun).
 
 Each test runs ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on a small
-launcher written to ``tmp_path``: it imports ``vdm_fast.training.train``, wraps ``_Run.train_step`` to
+launcher written to ``tmp_path``: it imports ``vdm_fast.training.train``, wraps ``Run.train_step`` to
 inject the fault on one rank at one step (no test hook in the library), wraps
-``_Run.save_checkpoint`` to keep a copy of every checkpoint the run writes, records the time of
+``Run.save_checkpoint`` to keep a copy of every checkpoint the run writes, records the time of
 the fault, and calls ``vdm_fast.training.train.main()``. The tests check that torchrun exits non-zero
 soon after the fault, that each rank says what happened (with its exit status in torchrun's
 summary), and that the checkpoint on disk is the last one written before the fault, byte for
@@ -44,7 +44,7 @@ def diffusion_loss(*args, **kwargs):
 
 
 ops_loss.diffusion_loss = diffusion_loss
-real_step, real_save = T._Run.train_step, T._Run.save_checkpoint
+real_step, real_save = T.Run.train_step, T.Run.save_checkpoint
 
 
 def train_step(self):
@@ -71,7 +71,7 @@ def save_checkpoint(self):
     return wrote
 
 
-T._Run.train_step, T._Run.save_checkpoint = train_step, save_checkpoint
+T.Run.train_step, T.Run.save_checkpoint = train_step, save_checkpoint
 T.main()
 '''
 

@@ -120,7 +120,7 @@ def test_bf16_autocasts_the_network_on_a_cpu_only_where_it_multiplies_bf16_nativ
     monkeypatch.setattr(backend, "CPU_NATIVE_BF16", native)
     cfg = config.parse_args(["--out-dir", str(tmp_path), "--n-embd", "32", "--n-layer", "0", "--device", "cpu",
                              "--bf16", flag])
-    run = train._Run(cfg, Distributed("cpu"))
+    run = train.Run(cfg, Distributed("cpu"))
     assert run.model.autocast_dtype == autocast
     # A bf16 model is kept channels_last (oneDNN's bf16 convolutions run in NHWC); it trains.
     conv = run.model.score_net.conv_in.weight

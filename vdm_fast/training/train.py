@@ -221,9 +221,11 @@ def _plain_options(optimizer_state: dict) -> dict:
     return optimizer_state
 
 
-class _Run:
+class Run:
     """One process's training state: the model, its EMA and optimiser, the step counters, and
-    what has been saved (the loop in ``_train`` drives it)."""
+    what has been saved. The loop in ``_train`` drives it; ``Run(cfg, job).train_step()`` is one
+    step of the driver's own, which the benchmarks (``benchmarks/bench_step.py``) and tests time
+    and check."""
 
     def __init__(self, cfg: TrainConfig, job: Distributed):
         self.cfg, self.job = cfg, job
@@ -438,7 +440,7 @@ class _Run:
 def _train(cfg: TrainConfig, job: Distributed) -> dict:
     if cfg.tensorboard:
         require("tensorboard")  # every rank, before any work: one line naming the extra
-    run = _Run(cfg, job)
+    run = Run(cfg, job)
     out = Path(cfg.out_dir)
     if job.main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
