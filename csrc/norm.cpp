@@ -76,6 +76,24 @@ VDM_CLONES double run_sum(const T* x, double off, int64_t n) {
 // runs (HW = 16 pixels, or 4) do not pay a vector loop's set-up for every channel.
 constexpr int64_t kRun = 256;
 
+// u = x scale + shift for the runs [r0, r1) of len contiguous elements each, into buf in their
+// order: per channel along a run (channels_last), or one channel a run (NCHW).
+template <bool CL, typename T, typename A>
+inline void affine_runs(const T* x, const A* scale, const A* shift, int64_t len, int64_t r0, int64_t r1, A* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* in = x + r * len;
+    A* out = buf + (r - r0) * len;
+    if constexpr (CL) {
+#pragma omp simd
+      for (int64_t c = 0; c < len; ++c) out[c] = IO<T>::load(in[c]) * scale[c] + shift[c];
+    } else {
+      const A sc = scale[r], sh = shift[r];
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) out[i] = IO<T>::load(in[i]) * sc + sh;
+    }
+  }
+}
+
 // y = silu(x scale[c] + shift[c]) (or without the swish), a block of runs at a time through a
 // buffer of the compute type: the affine map per run, then the swish and the store over the whole
 // block (GCC vectorises each as its own loop). buf holds max(kRun, HW) (NCHW) or max(kRun, C)
@@ -86,18 +104,7 @@ VDM_CLONES void normalise(const T* x, const A* scale, const A* shift, T* y, int6
   const int64_t per_block = len >= kRun ? 1 : kRun / len;
   for (int64_t r0 = 0; r0 < runs; r0 += per_block) {
     const int64_t r1 = r0 + per_block < runs ? r0 + per_block : runs;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* in = x + r * len;
-      A* out = buf + (r - r0) * len;
-      if constexpr (CL) {
-#pragma omp simd
-        for (int64_t c = 0; c < len; ++c) out[c] = IO<T>::load(in[c]) * scale[c] + shift[c];
-      } else {
-        const A sc = scale[r], sh = shift[r];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) out[i] = IO<T>::load(in[i]) * sc + sh;
-      }
-    }
+    affine_runs<CL>(x, scale, shift, len, r0, r1, buf);
     const int64_t n = (r1 - r0) * len;
     if constexpr (SILU) {
 #pragma omp simd
@@ -114,20 +121,7 @@ VDM_CLONES void normalise(const T* x, const A* scale, const A* shift, T* y, int6
 template <bool CL, bool SILU, typename T, typename A>
 inline void block_du(const T* x, const T* dy, const A* scale, const A* shift, int64_t len, int64_t r0, int64_t r1,
                      A* buf) {
-  if constexpr (SILU) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* in = x + r * len;
-      A* out = buf + (r - r0) * len;
-      if constexpr (CL) {
-#pragma omp simd
-        for (int64_t c = 0; c < len; ++c) out[c] = IO<T>::load(in[c]) * scale[c] + shift[c];
-      } else {
-        const A sc = scale[r], sh = shift[r];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) out[i] = IO<T>::load(in[i]) * sc + sh;
-      }
-    }
-  }
+  if constexpr (SILU) affine_runs<CL>(x, scale, shift, len, r0, r1, buf);
   const T* d = dy + r0 * len;
   const int64_t n = (r1 - r0) * len;
 #pragma omp simd
