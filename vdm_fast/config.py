@@ -64,8 +64,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the model (score network, schedule and bound: one graph, each fused op one node in "
                 "it; whole-graph unless dropout > 0, the variance objective or torchrun need breaks); the first "
-                "step, compilation included, is timed on stderr. Off by default: on the CPUs measured it trains "
-                "slower than eager (benchmarks/RESULTS.md, 'Host overhead per call')"})
+                "step, compilation included, is timed on stderr. Off by default: on the CPUs measured it gains nothing "
+                "measurable over eager and takes minutes to compile (benchmarks/RESULTS.md, 'The compiled step on "
+                "a CPU')"})
     cuda_graphs: bool = field(default=False, metadata={
         "help": "CUDA only: capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA "
                 "graph after 3 eager steps and replay it with static inputs; where a step cannot be captured "

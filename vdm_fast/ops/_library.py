@@ -29,8 +29,6 @@ _LIB = torch.library.Library("vdm_fast", "FRAGMENT")
 # Argument types of a plain eager call: ordinary tensors (a module's weights are Parameters) and
 # the ops' scalars. A tensor subclass (FakeTensor, DTensor, FunctionalTensor, ...) is not here.
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None)))
-# The kernels' device types, and the tensor attribute that says whether a tensor is on one.
-_DEVICES = ("cpu", "cuda")
 
 
 # The checks of every eager call, bound once (a module attribute lookup per call adds up here).

@@ -502,10 +502,15 @@ def _train(cfg: TrainConfig, job: Distributed) -> dict:
         curves = plots.final(run.model, result)  # the model now holds the EMA weights
         plots.close()
         if curves is not None:
-            print(f"{'learning curves:':<41}{curves}  (vdm-fast curves RUN_DIR redraws them)")
+            print(_report_line("learning curves:", f"{curves}  (vdm-fast curves RUN_DIR redraws them)"))
         if cfg.tensorboard:
-            print(f"{'tensorboard:':<41}tensorboard --logdir {out / 'tensorboard'}")
+            print(_report_line("tensorboard:", f"tensorboard --logdir {out / 'tensorboard'}"))
     return result
+
+
+def _report_line(label: str, text: str) -> str:
+    """A line of the final report: the labels in one column, wide enough for the longest."""
+    return f"{label:<41}{text}"
 
 
 def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = None) -> dict:
@@ -523,21 +528,22 @@ def _final_report(cfg, model, ema, ds, device, out: Path, step: Optional[int] = 
     bound = bpd(0)
     report = {"test_bpd": bound["bpd"], "test_bpd_se": bound["se"],
               "histogram_bpd": datasets.histogram_bpd(ds.train.images, ds.test.images, ds.vocab_size)}
-    lines = [f"test bpd (continuous time, EMA weights): {bound['bpd']:.4f} +- {bound['se']:.4f} (standard error over "
-             f"{bound['images']} images, {bound['draws']} draws each)"]
+    lines = [_report_line("test bpd (continuous time, EMA weights):",
+                          f"{bound['bpd']:.4f} +- {bound['se']:.4f} (standard error over {bound['images']} images, "
+                          f"{bound['draws']} draws each)")]
     if cfg.eval_T:
         stepped = bpd(cfg.eval_T)
         report.update({f"test_bpd_T{cfg.eval_T}": stepped["bpd"], f"test_bpd_T{cfg.eval_T}_se": stepped["se"]})
-        lines.append(f"test bpd (T={cfg.eval_T}):                  {stepped['bpd']:.4f} +- {stepped['se']:.4f}")
-    lines.append(f"{'per-pixel histogram baseline:':<41}{report['histogram_bpd']:.4f}")
+        lines.append(_report_line(f"test bpd (T={cfg.eval_T}):", f"{stepped['bpd']:.4f} +- {stepped['se']:.4f}"))
+    lines.append(_report_line("per-pixel histogram baseline:", f"{report['histogram_bpd']:.4f}"))
     if cfg.sample_n:
         model.eval()
         labels = torch.arange(cfg.sample_n, device=device) % model.num_classes if model.num_classes else None
         images = model.sample(cfg.sample_n, cfg.sample_T, generator=torch.Generator(device).manual_seed(cfg.seed),
                               labels=labels, guidance=cfg.guidance)
         save_grid(images, ds.vocab_size, out / "samples.png", scale=max(1, 128 // ds.image_shape[-1]))
-        lines.append(f"{f'samples (T={cfg.sample_T}):':<41}{out / 'samples.png'}  "
-                     f"(--sample-T; vdm-fast sample defaults to T=1000)")
+        lines.append(_report_line(f"samples (T={cfg.sample_T}):",
+                                  f"{out / 'samples.png'}  (--sample-T; vdm-fast sample defaults to T=1000)"))
     (out / "result.json").write_text(json.dumps(report if step is None else {"step": step, **report}, indent=2) + "\n")
     print("\n".join(lines))
     return report
